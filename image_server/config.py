@@ -1,0 +1,189 @@
+"""Service configuration: pydantic models mirroring config.toml, and ``load_config``.
+
+Precedence, lowest first: model defaults < config.toml < ``IMAGE_SERVER_*`` environment
+< command-line flags. Nested keys use ``__`` in the environment
+(``IMAGE_SERVER_SOCKETS__REQUESTS__BIND=tcp://0.0.0.0:5555``); values are read as JSON
+where they parse (numbers, booleans, lists) and as strings otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from image_server.errors import ConfigError
+from image_server.generators.base import GeneratorConfig
+from image_server.generators.registry import validate_generator_config
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "IMAGE_SERVER_"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SocketConfig(_Section):
+    """One socket: bind or connect (exactly one), and its kind."""
+
+    kind: Literal["sub", "pull", "pub", "xpub"]
+    bind: str | None = None
+    connect: list[str] = Field(default_factory=list)
+    high_water_mark: int = Field(default=1000, ge=0)
+
+    @model_validator(mode="after")
+    def _bind_or_connect(self) -> SocketConfig:
+        if bool(self.bind) == bool(self.connect):
+            raise ValueError("set exactly one of 'bind' or 'connect'")
+        return self
+
+
+class SocketsConfig(_Section):
+    requests: SocketConfig = SocketConfig(kind="sub", bind="tcp://127.0.0.1:5555")
+    events: SocketConfig = SocketConfig(kind="xpub", bind="tcp://127.0.0.1:5556")
+
+    @model_validator(mode="after")
+    def _kinds(self) -> SocketsConfig:
+        if self.requests.kind not in ("sub", "pull"):
+            raise ValueError("sockets.requests.kind must be 'sub' or 'pull'")
+        if self.events.kind not in ("pub", "xpub"):
+            raise ValueError("sockets.events.kind must be 'pub' or 'xpub'")
+        return self
+
+
+class LimitsConfig(_Section):
+    max_in_flight: int = Field(default=32, ge=1, le=10_000)
+    max_queued: int = Field(default=1000, ge=0, le=1_000_000)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    cache_size: int = Field(default=8, ge=1, le=1000)
+
+
+class ReferencesConfig(_Section):
+    """Where reference images may come from and how big they may be."""
+
+    allowed_roots: list[Path] = Field(default_factory=list)
+    allow_private_addresses: bool = False
+    max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
+    http_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class ServiceConfig(_Section):
+    service_id: str = "image-server"
+    state_dir: Path = Path("state")
+    output_dir: Path = Path("output")
+    default_generator: str = "mock"
+    default_project: str = "default"
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=3600)
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    png_compress_level: int = Field(default=1, ge=0, le=9)
+    sockets: SocketsConfig = SocketsConfig()
+    limits: LimitsConfig = LimitsConfig()
+    references: ReferencesConfig = ReferencesConfig()
+    generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> ServiceConfig:
+        if self.generators and self.default_generator not in self.generators:
+            names = ", ".join(sorted(self.generators))
+            raise ValueError(f"default_generator {self.default_generator!r} is not configured (configured: {names})")
+        return self
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``IMAGE_SERVER_A__B=v`` -> ``{"a": {"b": v}}``."""
+    result: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__") if part]
+        if not path:
+            continue
+        node = result
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(raw)
+    return result
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def build_config(data: Mapping[str, Any], *, source: str = "<config>") -> ServiceConfig:
+    """Validate merged raw data; each generator table by its own strategy's model."""
+    raw = dict(data)
+    tables = raw.pop("generators", {}) or {}
+    if not isinstance(tables, Mapping):
+        raise ConfigError(f"{source}: 'generators' must be a table of tables")
+    generators = {}
+    for name, table in tables.items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [generators.{name}] must be a table")
+        try:
+            generators[name] = validate_generator_config(name, table)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    try:
+        return ServiceConfig.model_validate({**raw, "generators": generators})
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
+        )
+        raise ConfigError(f"{source}: {details}") from exc
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServiceConfig:
+    """Load the configuration. Precedence: defaults < file < environment < ``overrides``
+    (the CLI's flags). With no generators configured anywhere, a ``mock`` generator is
+    provided so the service always has something to render with."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        data = read_toml(path)
+        source = str(path)
+    data = _deep_merge(data, env_overrides(environ))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    if not data.get("generators"):
+        data["generators"] = {"mock": {"strategy": "mock"}}
+    return build_config(data, source=source)

@@ -1,0 +1,216 @@
+"""The generator plug-in interface: config model, capabilities, job and result types.
+
+A strategy subclasses ``Generator``, names its pydantic ``config_model`` and overrides
+``generate()`` (and ``aclose()`` if it holds resources). Provider errors are translated
+into ``image_server.errors`` at the strategy's own boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from image_server.errors import PromptTooLong, Unsupported
+from schemas import RenderRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+ProgressCallback = Callable[[float | None, str | None], None]
+
+# Parameters a generator may honour or, if it cannot, must report as ignored.
+SOFT_PARAMETERS = ("seed", "negative_prompt", "steps", "guidance_scale", "strength", "style")
+
+
+class GeneratorConfig(BaseModel):
+    """Fields every ``[generators.<name>]`` table has; strategies extend it.
+
+    ``OVERRIDABLE`` lists the fields a request's ``generator_config`` may change. Anything
+    else (credentials, URLs, endpoints, paths, limits) is refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset()
+
+    strategy: str
+    concurrency: int = Field(default=4, ge=1, le=1024)
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    fallbacks: list[str] = Field(default_factory=list)
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.5, ge=0, le=60)
+    cooldown_after: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=30.0, ge=0)
+
+
+class Capabilities(BaseModel):
+    """What a generator can do. The service refuses (``unsupported``) what it cannot, and
+    lists in ``ignored`` the soft parameters it does not honour."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text_to_image: bool = True
+    image_to_image: bool = False
+    max_reference_images: int = 0
+    depth_map: bool = False
+    loras: bool = False
+    min_size: int = 64
+    max_size: int = 4096
+    max_images: int = 1
+    max_prompt_chars: int | None = None
+    parameters: frozenset[str] = frozenset({"seed"})
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A validated reference image, still encoded (decode it in a thread with ``to_pil``)."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+    @property
+    def mime(self) -> str:
+        return f"image/{self.format}"
+
+    def to_pil(self) -> Image.Image:
+        """Decode (blocking: call from a worker thread)."""
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.data)) as img:
+            img.load()
+            return img.copy()
+
+
+@dataclass
+class RenderJob:
+    """Everything a generator needs for one attempt at one request."""
+
+    request: RenderRequest
+    references: list[ReferenceImage] = field(default_factory=list)
+    depth_map: ReferenceImage | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+    progress: ProgressCallback = field(default=lambda fraction, message: None)
+
+    @property
+    def width(self) -> int:
+        return self.request.width or 1024
+
+    @property
+    def height(self) -> int:
+        return self.request.height or 1024
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One image from a generator: encoded ``data``, a decoded ``image``, or only a ``url``
+    (delivery ``url``). ``format`` names the encoding of ``data``."""
+
+    data: bytes | None = None
+    image: Image.Image | None = None
+    url: str | None = None
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage]
+    prompt: str | None = None
+    applied: dict[str, Any] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    ok: bool
+    detail: str
+
+
+class Generator:
+    """Base class of every strategy; use as ``async with generator:``.
+
+    Subclasses set ``strategy`` and ``config_model`` and override ``generate()``.
+    """
+
+    strategy: ClassVar[str] = ""
+    config_model: ClassVar[type[GeneratorConfig]] = GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig, *, name: str | None = None) -> None:
+        self.config = config
+        self.name = name or self.strategy
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    async def open(self) -> None:
+        """Acquire resources (HTTP clients, models). Called once before the first job."""
+
+    async def generate(self, job: RenderJob) -> GenerationResult:
+        raise NotImplementedError("The 'generate' method must be implemented.")  # pragma: no cover
+
+    async def health(self) -> HealthReport:
+        """A cheap check that the backend is reachable and credentials work."""
+        return HealthReport(ok=True, detail="no check available for this strategy")
+
+    async def aclose(self) -> None:
+        """Release resources. Idempotent."""
+
+    async def __aenter__(self) -> Generator:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r}>"
+
+
+def check_request(capabilities: Capabilities, request: RenderRequest, generator: str) -> list[str]:
+    """Refuse what the generator cannot do; return the soft parameters it will ignore."""
+
+    def refuse(message: str) -> Unsupported:
+        return Unsupported(message, request_id=request.request_id, generator=generator)
+
+    references = request.all_references()
+    if references and not capabilities.image_to_image:
+        raise refuse(f"generator {generator!r} does not take reference images")
+    if not references and not capabilities.text_to_image:
+        raise refuse(f"generator {generator!r} needs a reference image")
+    if len(references) > capabilities.max_reference_images:
+        raise refuse(f"generator {generator!r} takes at most {capabilities.max_reference_images} reference images")
+    if request.depth_map is not None and not capabilities.depth_map:
+        raise refuse(f"generator {generator!r} does not take a depth map")
+    if request.loras and not capabilities.loras:
+        raise refuse(f"generator {generator!r} does not take LoRAs")
+    if request.num_images > capabilities.max_images:
+        raise refuse(f"generator {generator!r} makes at most {capabilities.max_images} images per request")
+    for side in ("width", "height"):
+        value = getattr(request, side)
+        if value is not None and not capabilities.min_size <= value <= capabilities.max_size:
+            raise refuse(f"{side} {value} is outside {capabilities.min_size}..{capabilities.max_size} for {generator!r}")
+    limit = capabilities.max_prompt_chars
+    if limit is not None and len(request.prompt) > limit:
+        raise PromptTooLong(
+            f"prompt has {len(request.prompt)} characters; {generator!r} takes at most {limit}",
+            request_id=request.request_id,
+            generator=generator,
+        )
+    return [name for name in SOFT_PARAMETERS if getattr(request, name) is not None and name not in capabilities.parameters]

@@ -1,0 +1,279 @@
+"""Pydantic models for every message on the wire, with their bounds.
+
+Images travel three ways: inbound as an ``ImageSource`` (a ``file://``, ``http(s)://`` or
+``data:`` URI, or raw base64), outbound per ``DeliveryMode`` (a file path and ``file://``
+URI, inline base64, a raw ZMQ frame referenced by index, or a provider URL).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+# Generator, project, channel and client names end up in file paths and topics: keep them
+# to a conservative character set that cannot traverse directories.
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"
+MAX_PROMPT_CHARS = 10_000
+MAX_REFERENCE_IMAGES = 10
+MIN_SIDE = 64
+MAX_SIDE = 4096
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+DeliveryMode = Literal["file", "inline", "frames", "url"]
+ErrorCode = Literal[
+    "invalid_request",
+    "unknown_generator",
+    "unsupported",
+    "reference_image",
+    "prompt_too_long",
+    "rate_limited",
+    "content_policy",
+    "timeout",
+    "generation_failed",
+    "cancelled",
+    "superseded",
+    "overloaded",
+    "internal",
+]
+
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class _Inbound(BaseModel):
+    """Client -> service: unknown fields are ignored (see the package docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class _Outbound(BaseModel):
+    """Service -> client events: every one names its service and carries a monotonic seq."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    service_id: str = ""
+    seq: int = 0
+
+
+class ImageSource(_Inbound):
+    """A reference image: exactly one of ``uri`` or ``image_data``.
+
+    ``uri`` is ``file://`` (only under the service's allowed roots), ``http(s)://`` (public
+    addresses only unless the service allows private ones) or ``data:``. ``image_data`` is
+    base64, with or without a ``data:image/...;base64,`` prefix. Size and pixel caps are the
+    service's (see config ``[references]``).
+    """
+
+    uri: str | None = Field(default=None, max_length=64 * 1024 * 1024)
+    image_data: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageSource:
+        if (self.uri is None) == (self.image_data is None):
+            raise ValueError("an ImageSource needs exactly one of 'uri' or 'image_data'")
+        return self
+
+
+class LoraSpec(_Inbound):
+    """A LoRA by name (as the provider knows it) or URL, with its strength."""
+
+    name: str = Field(min_length=1, max_length=2048)
+    strength: float = Field(default=1.0, ge=-4.0, le=4.0)
+
+
+class RenderRequest(_Inbound):
+    """Ask the service for one or more images."""
+
+    type: Literal["RenderRequest"] = "RenderRequest"
+    request_id: RequestId
+    generator: Name | None = None
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    steps: int | None = Field(default=None, ge=1, le=200)
+    guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
+    strength: float | None = Field(default=None, ge=0.0, le=1.0)
+    num_images: int = Field(default=1, ge=1, le=8)
+    reference_image: ImageSource | None = None
+    reference_images: list[ImageSource] = Field(default_factory=list, max_length=MAX_REFERENCE_IMAGES)
+    depth_map: ImageSource | None = None
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
+    style: str | None = Field(default=None, max_length=256)
+    output_format: OutputFormat = "png"
+    delivery: DeliveryMode = "file"
+    generator_config: dict[str, Any] = Field(default_factory=dict)
+    fallbacks: list[Name] = Field(default_factory=list, max_length=8)
+    priority: int = Field(default=0, ge=-100, le=100)
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    reply_to: Name | None = None
+    channel: Name | None = None
+    clear_queue: bool = False
+    project: Name | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounded_references(self) -> RenderRequest:
+        if len(self.all_references()) > MAX_REFERENCE_IMAGES:
+            raise ValueError(f"at most {MAX_REFERENCE_IMAGES} reference images in all")
+        return self
+
+    def all_references(self) -> list[ImageSource]:
+        """``reference_image`` (if any) followed by ``reference_images``."""
+        first = [self.reference_image] if self.reference_image is not None else []
+        return first + list(self.reference_images)
+
+
+class CancelRequest(_Inbound):
+    """End a queued or running request with ``RenderError(code="cancelled")``."""
+
+    type: Literal["CancelRequest"] = "CancelRequest"
+    request_id: RequestId
+    reply_to: Name | None = None
+
+
+class StatusRequest(_Inbound):
+    """Ask for a ``ServiceStatus``."""
+
+    type: Literal["StatusRequest"] = "StatusRequest"
+    request_id: RequestId | None = None
+    reply_to: Name | None = None
+
+
+class RenderAccepted(_Outbound):
+    """The request was validated and taken on; exactly one terminal event will follow."""
+
+    type: Literal["RenderAccepted"] = "RenderAccepted"
+    request_id: str
+    generator: str
+    queue_position: int = 0
+
+
+class RenderProgress(_Outbound):
+    """A step on the way: queued (with position), started, provider progress, storing."""
+
+    type: Literal["RenderProgress"] = "RenderProgress"
+    request_id: str
+    stage: Literal["queued", "started", "generating", "storing"]
+    generator: str | None = None
+    queue_position: int | None = None
+    progress: float | None = Field(default=None, ge=0.0, le=1.0)
+    message: str | None = None
+
+
+class OutputImage(BaseModel):
+    """One produced image. How it travels depends on the request's ``delivery``:
+    ``file`` sets ``path`` and a ``file://`` ``uri``; ``inline`` sets ``data`` (base64);
+    ``frames`` sets ``frame``, the index of the raw bytes among the message's extra frames;
+    ``url`` sets ``uri`` to the provider's URL (or the stored file's where there is none).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    uri: str | None = None
+    path: str | None = None
+    data: str | None = None
+    frame: int | None = None
+    width: int
+    height: int
+    format: OutputFormat
+    seed: int | None = None
+    sha256: str | None = None
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage of a request."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    queued: float = 0.0
+    normalize: float = 0.0
+    generate: float = 0.0
+    store: float = 0.0
+    total: float = 0.0
+
+
+class ImageReady(_Outbound):
+    """Terminal success."""
+
+    type: Literal["ImageReady"] = "ImageReady"
+    request_id: str
+    generator: str
+    images: list[OutputImage]
+    uri: str | None = None
+    prompt: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    attempts: int = 1
+    applied: dict[str, Any] = Field(default_factory=dict)
+    ignored: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class RenderError(_Outbound):
+    """Terminal failure with a stable ``code``; ``message`` is for humans and holds no secrets."""
+
+    type: Literal["RenderError"] = "RenderError"
+    request_id: str
+    code: ErrorCode
+    message: str
+    retryable: bool = False
+    generator: str | None = None
+    attempts: int = 0
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Heartbeat(_Outbound):
+    """Published every ``heartbeat_interval_s``; clients wait for one before sending."""
+
+    type: Literal["Heartbeat"] = "Heartbeat"
+    uptime_s: float = 0.0
+    in_flight: int = 0
+    queued: int = 0
+
+
+class GeneratorStatus(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    name: str
+    strategy: str
+    in_flight: int = 0
+    concurrency: int = 1
+    cooling_down_until: float | None = None
+    image_to_image: bool = False
+
+
+class ServiceStatus(_Outbound):
+    """Answer to ``StatusRequest``."""
+
+    type: Literal["ServiceStatus"] = "ServiceStatus"
+    request_id: str | None = None
+    default_generator: str
+    generators: list[GeneratorStatus] = Field(default_factory=list)
+    queued: int = 0
+    in_flight: int = 0
+    uptime_s: float = 0.0
+    counters: dict[str, int] = Field(default_factory=dict)
+
+
+InboundMessage = Annotated[Union[RenderRequest, CancelRequest, StatusRequest], Field(discriminator="type")]
+OutboundEvent = Annotated[
+    Union[RenderAccepted, RenderProgress, ImageReady, RenderError, Heartbeat, ServiceStatus],
+    Field(discriminator="type"),
+]
+Message = Annotated[
+    Union[
+        RenderRequest,
+        CancelRequest,
+        StatusRequest,
+        RenderAccepted,
+        RenderProgress,
+        ImageReady,
+        RenderError,
+        Heartbeat,
+        ServiceStatus,
+    ],
+    Field(discriminator="type"),
+]

@@ -1,0 +1,127 @@
+"""Encode and decode messages as ZMQ multipart frames: ``[topic, json, *blobs]``.
+
+For drop-in use by older clients a single frame is also accepted, holding either
+``"<topic> <json>"`` or plain JSON. Nothing here imports zmq: frames are bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from schemas.messages import REQUEST_ID_PATTERN, Message
+
+MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_REQUEST_ID_IN_TEXT = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
+_TOPIC = re.compile(r"^[A-Za-z]+(/[A-Za-z0-9._-]{1,64})?$")
+
+
+class WireError(ValueError):
+    """A message that could not be decoded; ``request_id`` is set when one could be read."""
+
+    def __init__(self, reason: str, *, request_id: str | None = None, topic: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+        self.topic = topic
+
+
+@dataclass(frozen=True)
+class DecodedMessage:
+    topic: str
+    message: Any
+    blobs: Sequence[bytes] = field(default_factory=tuple)
+
+
+def event_topic(message_type: str, reply_to: str | None = None) -> str:
+    """``Type`` or ``Type/<reply_to>`` so a client can subscribe to its own events only."""
+    return f"{message_type}/{reply_to}" if reply_to else message_type
+
+
+def encode_message(message: BaseModel, *, reply_to: str | None = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
+    """``[topic, json, *blobs]`` for a model that has a ``type`` field."""
+    message_type = getattr(message, "type")
+    return [event_topic(message_type, reply_to).encode("ascii"), message.model_dump_json().encode(), *blobs]
+
+
+def sniff_request_id(payload: bytes) -> str | None:
+    """Best effort: read a valid ``request_id`` out of a message that failed to decode."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict):
+        value = data.get("request_id")
+        return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
+    found = _REQUEST_ID_IN_TEXT.search(payload)
+    return found.group(1).decode() if found else None
+
+
+def _split_single_frame(frame: bytes) -> tuple[str | None, bytes]:
+    stripped = frame.lstrip()
+    if stripped.startswith(b"{"):
+        return None, stripped
+    topic, sep, rest = stripped.partition(b" ")
+    if not sep:
+        raise WireError("single frame is neither JSON nor '<topic> <json>'", request_id=sniff_request_id(frame))
+    return _decode_topic(topic, rest), rest
+
+
+def _decode_topic(raw: bytes, payload: bytes) -> str:
+    try:
+        topic = raw.decode("ascii")
+    except UnicodeDecodeError:
+        topic = ""
+    if not _TOPIC.match(topic):
+        raise WireError("topic is not a message type", request_id=sniff_request_id(payload))
+    return topic
+
+
+def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
+    """Decode one received message; raise ``WireError`` (with any readable request_id)."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames) == 1:
+        topic, payload = _split_single_frame(bytes(frames[0]))
+        blobs: Sequence[bytes] = ()
+    else:
+        payload = bytes(frames[1])
+        topic = _decode_topic(bytes(frames[0]), payload)
+        blobs = frames[2:]
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f"invalid JSON: {exc}", request_id=sniff_request_id(payload), topic=topic) from exc
+    if not isinstance(data, dict):
+        raise WireError("JSON body is not an object", topic=topic)
+    message_type = topic.split("/", 1)[0] if topic else None
+    if "type" not in data and message_type:
+        data["type"] = message_type
+    elif message_type and data.get("type") != message_type:
+        raise WireError(
+            f"topic {message_type!r} does not match type {data.get('type')!r}",
+            request_id=sniff_request_id(payload),
+            topic=topic,
+        )
+    try:
+        message = MESSAGE_ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise WireError(_summarise(exc), request_id=sniff_request_id(payload), topic=topic) from exc
+    return DecodedMessage(topic=topic or message.type, message=message, blobs=blobs)
+
+
+def _summarise(exc: ValidationError) -> str:
+    """A short, human line per validation error, without echoing the (possibly huge) input."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "message"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
