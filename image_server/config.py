@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,11 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from image_server.errors import ConfigError
 from image_server.generators.base import GeneratorConfig
 from image_server.generators.registry import validate_generator_config
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
 
 ENV_PREFIX = "IMAGE_SERVER_"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -79,6 +74,14 @@ class ReferencesConfig(_Section):
     http_timeout_s: float = Field(default=15.0, gt=0)
 
 
+class JournalConfig(_Section):
+    """The SQLite journal behind the delivery guarantee (``state_dir/journal.sqlite3``)."""
+
+    enabled: bool = True
+    retention_s: float = Field(default=7 * 24 * 3600, ge=0)
+    prune_interval_s: float = Field(default=3600, gt=0)
+
+
 class ServiceConfig(_Section):
     service_id: str = "image-server"
     state_dir: Path = Path("state")
@@ -91,6 +94,7 @@ class ServiceConfig(_Section):
     sockets: SocketsConfig = SocketsConfig()
     limits: LimitsConfig = LimitsConfig()
     references: ReferencesConfig = ReferencesConfig()
+    journal: JournalConfig = JournalConfig()
     generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

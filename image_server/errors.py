@@ -68,12 +68,15 @@ class ImageServerError(Exception):
         self.request_id = request_id
         self.generator = generator
         self.retryable = self.default_retryable if retryable is None else retryable
+        self.attempts = 0  # provider attempts made before giving up (set by the retry loop)
 
     def __str__(self) -> str:
         return self.message
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in (("request_id", self.request_id), ("generator", self.generator)) if v)
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in (("request_id", self.request_id), ("generator", self.generator)) if v
+        )
         return f"{type(self).__name__}({self.message!r}{', ' + fields if fields else ''})"
 
 

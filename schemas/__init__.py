@@ -14,6 +14,7 @@ from schemas.messages import (
     CancelRequest,
     DeliveryMode,
     ErrorCode,
+    GeneratorStatus,
     Heartbeat,
     ImageReady,
     ImageSource,
@@ -30,7 +31,6 @@ from schemas.messages import (
     ServiceStatus,
     StatusRequest,
     Timings,
-    GeneratorStatus,
 )
 from schemas.wire import (
     MESSAGE_ADAPTER,
@@ -39,6 +39,7 @@ from schemas.wire import (
     decode_frames,
     encode_message,
     event_topic,
+    sniff_field,
     sniff_request_id,
 )
 
@@ -70,5 +71,6 @@ __all__ = [
     "decode_frames",
     "encode_message",
     "event_topic",
+    "sniff_field",
     "sniff_request_id",
 ]

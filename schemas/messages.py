@@ -7,7 +7,7 @@ URI, inline base64, a raw ZMQ frame referenced by index, or a provider URL).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -229,6 +229,7 @@ class Heartbeat(_Outbound):
     """Published every ``heartbeat_interval_s``; clients wait for one before sending."""
 
     type: Literal["Heartbeat"] = "Heartbeat"
+    interval_s: float = 1.0
     uptime_s: float = 0.0
     in_flight: int = 0
     queued: int = 0
@@ -258,22 +259,20 @@ class ServiceStatus(_Outbound):
     counters: dict[str, int] = Field(default_factory=dict)
 
 
-InboundMessage = Annotated[Union[RenderRequest, CancelRequest, StatusRequest], Field(discriminator="type")]
+InboundMessage = Annotated[RenderRequest | CancelRequest | StatusRequest, Field(discriminator="type")]
 OutboundEvent = Annotated[
-    Union[RenderAccepted, RenderProgress, ImageReady, RenderError, Heartbeat, ServiceStatus],
+    RenderAccepted | RenderProgress | ImageReady | RenderError | Heartbeat | ServiceStatus,
     Field(discriminator="type"),
 ]
 Message = Annotated[
-    Union[
-        RenderRequest,
-        CancelRequest,
-        StatusRequest,
-        RenderAccepted,
-        RenderProgress,
-        ImageReady,
-        RenderError,
-        Heartbeat,
-        ServiceStatus,
-    ],
+    RenderRequest
+    | CancelRequest
+    | StatusRequest
+    | RenderAccepted
+    | RenderProgress
+    | ImageReady
+    | RenderError
+    | Heartbeat
+    | ServiceStatus,
     Field(discriminator="type"),
 ]

@@ -19,18 +19,22 @@ from schemas.messages import REQUEST_ID_PATTERN, Message
 MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_REQUEST_ID_IN_TEXT = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+_SNIFFED = {"request_id": _REQUEST_ID, "reply_to": _NAME}
 _TOPIC = re.compile(r"^[A-Za-z]+(/[A-Za-z0-9._-]{1,64})?$")
 
 
 class WireError(ValueError):
     """A message that could not be decoded; ``request_id`` is set when one could be read."""
 
-    def __init__(self, reason: str, *, request_id: str | None = None, topic: str | None = None) -> None:
+    def __init__(
+        self, reason: str, *, request_id: str | None = None, topic: str | None = None, reply_to: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.request_id = request_id
         self.topic = topic
+        self.reply_to = reply_to
 
 
 @dataclass(frozen=True)
@@ -47,21 +51,34 @@ def event_topic(message_type: str, reply_to: str | None = None) -> str:
 
 def encode_message(message: BaseModel, *, reply_to: str | None = None, blobs: Sequence[bytes] = ()) -> list[bytes]:
     """``[topic, json, *blobs]`` for a model that has a ``type`` field."""
-    message_type = getattr(message, "type")
+    message_type = type(message).model_fields["type"].default
     return [event_topic(message_type, reply_to).encode("ascii"), message.model_dump_json().encode(), *blobs]
 
 
-def sniff_request_id(payload: bytes) -> str | None:
-    """Best effort: read a valid ``request_id`` out of a message that failed to decode."""
+def sniff_field(payload: bytes, name: str = "request_id") -> str | None:
+    """Best effort: read a valid ``request_id`` or ``reply_to`` out of a message that failed
+    to decode (invalid JSON, a schema violation, a truncated or oversized body)."""
+    pattern = _SNIFFED[name]
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         data = None
     if isinstance(data, dict):
-        value = data.get("request_id")
-        return value if isinstance(value, str) and _REQUEST_ID.match(value) else None
-    found = _REQUEST_ID_IN_TEXT.search(payload)
-    return found.group(1).decode() if found else None
+        value = data.get(name)
+        return value if isinstance(value, str) and pattern.match(value) else None
+    found = re.search(rb'"' + name.encode() + rb'"\s*:\s*"([A-Za-z0-9._:-]{1,128})"', payload)
+    value = found.group(1).decode() if found else None
+    return value if value is not None and pattern.match(value) else None
+
+
+def sniff_request_id(payload: bytes) -> str | None:
+    return sniff_field(payload, "request_id")
+
+
+def _wire_error(reason: str, payload: bytes, topic: str | None = None) -> WireError:
+    return WireError(
+        reason, request_id=sniff_request_id(payload), topic=topic, reply_to=sniff_field(payload, "reply_to")
+    )
 
 
 def _split_single_frame(frame: bytes) -> tuple[str | None, bytes]:
@@ -70,7 +87,7 @@ def _split_single_frame(frame: bytes) -> tuple[str | None, bytes]:
         return None, stripped
     topic, sep, rest = stripped.partition(b" ")
     if not sep:
-        raise WireError("single frame is neither JSON nor '<topic> <json>'", request_id=sniff_request_id(frame))
+        raise _wire_error("single frame is neither JSON nor '<topic> <json>'", frame)
     return _decode_topic(topic, rest), rest
 
 
@@ -80,7 +97,7 @@ def _decode_topic(raw: bytes, payload: bytes) -> str:
     except UnicodeDecodeError:
         topic = ""
     if not _TOPIC.match(topic):
-        raise WireError("topic is not a message type", request_id=sniff_request_id(payload))
+        raise _wire_error("topic is not a message type", payload)
     return topic
 
 
@@ -98,22 +115,18 @@ def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"invalid JSON: {exc}", request_id=sniff_request_id(payload), topic=topic) from exc
+        raise _wire_error(f"invalid JSON: {exc}", payload, topic) from exc
     if not isinstance(data, dict):
-        raise WireError("JSON body is not an object", topic=topic)
+        raise _wire_error("JSON body is not an object", payload, topic)
     message_type = topic.split("/", 1)[0] if topic else None
     if "type" not in data and message_type:
         data["type"] = message_type
     elif message_type and data.get("type") != message_type:
-        raise WireError(
-            f"topic {message_type!r} does not match type {data.get('type')!r}",
-            request_id=sniff_request_id(payload),
-            topic=topic,
-        )
+        raise _wire_error(f"topic {message_type!r} does not match type {data.get('type')!r}", payload, topic)
     try:
         message = MESSAGE_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise WireError(_summarise(exc), request_id=sniff_request_id(payload), topic=topic) from exc
+        raise _wire_error(_summarise(exc), payload, topic) from exc
     return DecodedMessage(topic=topic or message.type, message=message, blobs=blobs)
 
 

@@ -17,8 +17,8 @@ from image_server.generators.registry import (
     create_generator,
     get_generator_class,
     register_generator,
-    registry,
     reset_registry,
+    strategies,
     validate_generator_config,
 )
 
@@ -35,7 +35,7 @@ __all__ = [
     "create_generator",
     "get_generator_class",
     "register_generator",
-    "registry",
+    "strategies",
     "reset_registry",
     "validate_generator_config",
 ]

@@ -205,7 +205,9 @@ def check_request(capabilities: Capabilities, request: RenderRequest, generator:
     for side in ("width", "height"):
         value = getattr(request, side)
         if value is not None and not capabilities.min_size <= value <= capabilities.max_size:
-            raise refuse(f"{side} {value} is outside {capabilities.min_size}..{capabilities.max_size} for {generator!r}")
+            raise refuse(
+                f"{side} {value} is outside {capabilities.min_size}..{capabilities.max_size} for {generator!r}"
+            )
     limit = capabilities.max_prompt_chars
     if limit is not None and len(request.prompt) > limit:
         raise PromptTooLong(
@@ -213,4 +215,6 @@ def check_request(capabilities: Capabilities, request: RenderRequest, generator:
             request_id=request.request_id,
             generator=generator,
         )
-    return [name for name in SOFT_PARAMETERS if getattr(request, name) is not None and name not in capabilities.parameters]
+    return [
+        name for name in SOFT_PARAMETERS if getattr(request, name) is not None and name not in capabilities.parameters
+    ]

@@ -102,8 +102,14 @@ def translate_transport_errors(generator: str, *secrets: str) -> Iterator[None]:
         raise GenerationFailed(message, generator=generator, retryable=True) from exc
 
 
-async def download(client: httpx.AsyncClient, url: str, *, generator: str, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
-    """GET a result URL with a size cap; errors are translated like any provider call."""
+async def download(
+    client: httpx.AsyncClient, url: str, *, generator: str, max_bytes: int = MAX_DOWNLOAD_BYTES
+) -> bytes:
+    """GET a result URL with a size cap; errors are translated like any provider call.
+
+    Pass a client without credentials in its default headers: result URLs are often on
+    another host (a CDN), which must never receive the provider key.
+    """
     if url.startswith("data:"):
         return decode_data_uri(url, generator=generator)
     with translate_transport_errors(generator):
@@ -115,7 +121,9 @@ async def download(client: httpx.AsyncClient, url: str, *, generator: str, max_b
             async for chunk in response.aiter_bytes():
                 total += len(chunk)
                 if total > max_bytes:
-                    raise GenerationFailed(f"{generator}: result image is larger than {max_bytes} bytes", generator=generator)
+                    raise GenerationFailed(
+                        f"{generator}: result image is larger than {max_bytes} bytes", generator=generator
+                    )
                 chunks.append(chunk)
     return b"".join(chunks)
 
@@ -125,7 +133,9 @@ def decode_base64_image(data: str, *, generator: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise GenerationFailed(f"{generator}: provider returned malformed base64 image data", generator=generator) from exc
+        raise GenerationFailed(
+            f"{generator}: provider returned malformed base64 image data", generator=generator
+        ) from exc
 
 
 def decode_data_uri(uri: str, *, generator: str) -> bytes:

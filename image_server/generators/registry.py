@@ -27,7 +27,7 @@ _BUILTINS: dict[str, str] = {
 }
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)
-registry: Mapping[str, str | type[Generator]] = MappingProxyType(_registry)
+strategies: Mapping[str, str | type[Generator]] = MappingProxyType(_registry)
 _entry_points_loaded = False
 
 
@@ -97,7 +97,8 @@ def validate_generator_config(name: str, table: Mapping[str, Any]) -> GeneratorC
         return cls.config_model.model_validate(dict(table))
     except ValidationError as exc:
         details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False, include_input=False)
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False)
         )
         raise ConfigError(f"[generators.{name}]: {details}") from exc
 

@@ -1,0 +1,3 @@
+from image_server.cli import main
+
+raise SystemExit(main())

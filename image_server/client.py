@@ -1,0 +1,287 @@
+"""RenderClient: send RenderRequests over ZMQ and await their terminal events.
+
+PUB/SUB drops what is sent before a subscription arrives, so the client waits for the
+service's first ``Heartbeat`` before sending, re-sends a request with the same
+``request_id`` until it sees ``RenderAccepted`` (the service treats repeats as no-ops),
+keeps nudging until the terminal event arrives, and ignores duplicate terminal events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import zmq
+import zmq.asyncio
+
+from schemas import (
+    CancelRequest,
+    Heartbeat,
+    ImageReady,
+    RenderAccepted,
+    RenderError,
+    RenderRequest,
+    ServiceStatus,
+    StatusRequest,
+    WireError,
+    decode_frames,
+    encode_message,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_REPLY_TYPES = ("RenderAccepted", "RenderProgress", "ImageReady", "RenderError", "ServiceStatus")
+
+
+class RenderFailed(Exception):
+    """The service answered with a ``RenderError``; ``event`` holds it."""
+
+    def __init__(self, event: RenderError) -> None:
+        super().__init__(f"{event.request_id}: {event.code}: {event.message}")
+        self.event = event
+
+    @property
+    def code(self) -> str:
+        return self.event.code
+
+
+class MessageTooLarge(ValueError):
+    """The request is over the service's message limit; the socket would drop it silently."""
+
+
+@dataclass
+class RenderResult:
+    """An ``ImageReady`` and, for delivery ``frames``, the raw image bytes it refers to."""
+
+    event: ImageReady
+    frames: list[bytes] = field(default_factory=list)
+
+    def image_bytes(self, index: int = 0) -> bytes | None:
+        frame = self.event.images[index].frame
+        return self.frames[frame] if frame is not None else None
+
+
+@dataclass
+class _Pending:
+    accepted_by: str | None = None  # service_id of the RenderAccepted
+    last_heard: float = 0.0  # monotonic time of the last event about this request
+    done: asyncio.Future[RenderResult | RenderError] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class RenderClient:
+    """``async with RenderClient(requests_endpoint, events_endpoint) as client:``"""
+
+    def __init__(
+        self,
+        requests_endpoint: str,
+        events_endpoint: str,
+        *,
+        client_id: str | None = None,
+        context: zmq.asyncio.Context | None = None,
+        requests_kind: Literal["pub", "push"] = "pub",
+        resend_interval_s: float = 0.2,
+        max_resend_interval_s: float = 2.0,
+        nudge_interval_s: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_event: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.requests_endpoint = requests_endpoint
+        self.events_endpoint = events_endpoint
+        self.client_id = client_id or f"client-{uuid.uuid4().hex[:12]}"
+        self._own_context = context is None
+        self.context = context or zmq.asyncio.Context()
+        self.requests_kind = requests_kind
+        self.resend_interval_s = resend_interval_s
+        self.max_resend_interval_s = max_resend_interval_s
+        self.nudge_interval_s = nudge_interval_s
+        self.resends = 0
+        self._heartbeats: dict[str, tuple[float, float]] = {}  # service_id -> (seen at, interval)
+        self.max_message_bytes = max_message_bytes
+        self.on_event = on_event
+        self.duplicates = 0
+        self._pending: dict[str, _Pending] = {}
+        self._statuses: dict[str, asyncio.Future[ServiceStatus]] = {}
+        self._ready = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._sender: zmq.asyncio.Socket | None = None
+        self._events: zmq.asyncio.Socket | None = None
+
+    async def __aenter__(self) -> RenderClient:
+        self._events = self.context.socket(zmq.SUB)
+        self._events.setsockopt(zmq.LINGER, 0)
+        self._events.setsockopt(zmq.SUBSCRIBE, b"Heartbeat")
+        for message_type in _REPLY_TYPES:
+            self._events.setsockopt(zmq.SUBSCRIBE, f"{message_type}/{self.client_id}".encode())
+        self._events.connect(self.events_endpoint)
+        self._sender = self.context.socket(zmq.PUB if self.requests_kind == "pub" else zmq.PUSH)
+        self._sender.setsockopt(zmq.LINGER, 0)
+        self._sender.connect(self.requests_endpoint)
+        self._reader = asyncio.create_task(self._read_events(), name=f"{self.client_id}-events")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        for socket in (self._sender, self._events):
+            if socket is not None:
+                socket.close(linger=0)
+        self._sender = self._events = None
+        if self._own_context:
+            self.context.term()
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait for the first Heartbeat: then our subscription has reached the service."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        except TimeoutError:
+            raise TimeoutError(f"no Heartbeat from {self.events_endpoint} within {timeout:g} s") from None
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def render(
+        self, request: RenderRequest | None = None, *, timeout: float = 120.0, **fields: Any
+    ) -> RenderResult:
+        """Send a request (or build one from ``fields``) and return its ``RenderResult``.
+
+        Raises ``RenderFailed`` on a ``RenderError`` and ``TimeoutError`` when no terminal
+        event arrives within ``timeout`` seconds.
+        """
+        if request is None:
+            fields.setdefault("request_id", uuid.uuid4().hex)
+            request = RenderRequest(**fields)
+        request = request.model_copy(update={"reply_to": self.client_id})
+        frames = encode_message(request)
+        size = sum(len(f) for f in frames)
+        if size > self.max_message_bytes:
+            raise MessageTooLarge(
+                f"request {request.request_id} is {size} bytes; the limit is {self.max_message_bytes} "
+                "(send reference images as URIs instead of inline data)"
+            )
+        pending = self._pending.setdefault(request.request_id, _Pending())
+        try:
+            async with asyncio.timeout(timeout):
+                await self.wait_ready(timeout)
+                outcome = await self._send_until_done(frames, pending)
+        except TimeoutError:
+            raise TimeoutError(f"no answer to {request.request_id} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(request.request_id, None)
+        if isinstance(outcome, RenderError):
+            raise RenderFailed(outcome)
+        return outcome
+
+    async def _send_until_done(self, frames: list[bytes], pending: _Pending) -> RenderResult | RenderError:
+        """Send, then re-send with the same request_id while it may have been lost.
+
+        Until ``RenderAccepted``: every ``resend_interval_s``, growing to the maximum (the
+        subscription may not have reached the service yet). After it: only when the
+        accepting service's Heartbeats stop (it died or restarted; its journal or another
+        worker takes over) or nothing was heard for ``nudge_interval_s`` (a terminal event
+        lost in transit is then re-published from the journal).
+        """
+        loop = asyncio.get_running_loop()
+        interval = self.resend_interval_s
+        await self._send(frames)
+        last_sent = loop.time()
+        while True:
+            tick = interval if pending.accepted_by is None else min(0.5, self.nudge_interval_s)
+            done, _ = await asyncio.wait([pending.done], timeout=tick)
+            if done:
+                return pending.done.result()
+            now = loop.time()
+            if pending.accepted_by is None:
+                if now - last_sent < interval:
+                    continue
+                interval = min(interval * 1.5, self.max_resend_interval_s)
+            elif not (self._is_stale(pending.accepted_by, now) and now - last_sent >= interval) and (
+                now - max(pending.last_heard, last_sent) < self.nudge_interval_s
+            ):
+                continue
+            self.resends += 1
+            await self._send(frames)
+            last_sent = now
+
+    def _is_stale(self, service_id: str, now: float) -> bool:
+        seen = self._heartbeats.get(service_id)
+        if seen is None:
+            return True
+        seen_at, interval = seen
+        return now - seen_at > 3 * interval + 0.5
+
+    async def _send(self, frames: list[bytes]) -> None:
+        assert self._sender is not None, "use 'async with RenderClient(...)'"
+        await self._sender.send_multipart(frames)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the service to cancel; the pending ``render`` then raises ``RenderFailed``."""
+        await self.wait_ready()
+        await self._send(encode_message(CancelRequest(request_id=request_id, reply_to=self.client_id)))
+
+    async def status(self, *, timeout: float = 10.0) -> ServiceStatus:
+        request_id = f"status-{uuid.uuid4().hex[:12]}"
+        future: asyncio.Future[ServiceStatus] = asyncio.get_running_loop().create_future()
+        self._statuses[request_id] = future
+        message = encode_message(StatusRequest(request_id=request_id, reply_to=self.client_id))
+        try:
+            async with asyncio.timeout(timeout):
+                await self.wait_ready(timeout)
+                while not future.done():
+                    await self._send(message)
+                    await asyncio.wait([future], timeout=self.resend_interval_s)
+                return future.result()
+        finally:
+            self._statuses.pop(request_id, None)
+
+    # -- events -----------------------------------------------------------------------
+
+    async def _read_events(self) -> None:
+        assert self._events is not None
+        while True:
+            frames = await self._events.recv_multipart()
+            try:
+                decoded = decode_frames(frames)
+            except WireError as exc:
+                logger.warning("undecodable event: %s", exc.reason)
+                continue
+            self._dispatch(decoded.message, list(decoded.blobs))
+
+    def _dispatch(self, event: Any, blobs: list[bytes]) -> None:
+        if isinstance(event, Heartbeat):
+            self._heartbeats[event.service_id] = (asyncio.get_running_loop().time(), event.interval_s)
+            self._ready.set()
+            return
+        if self.on_event is not None:
+            self.on_event(event)
+        if isinstance(event, ServiceStatus):
+            future = self._statuses.get(event.request_id or "")
+            if future is not None and not future.done():
+                future.set_result(event)
+            return
+        pending = self._pending.get(getattr(event, "request_id", ""))
+        if pending is None:
+            if isinstance(event, ImageReady | RenderError):
+                self.duplicates += 1
+            return
+        pending.last_heard = asyncio.get_running_loop().time()
+        if isinstance(event, RenderAccepted):
+            pending.accepted_by = event.service_id
+        elif isinstance(event, ImageReady | RenderError):
+            if pending.done.done():
+                self.duplicates += 1
+            else:
+                pending.done.set_result(RenderResult(event, blobs) if isinstance(event, ImageReady) else event)

@@ -1,0 +1,184 @@
+"""What each CLI command does: serve, one-shot render, generator listing, demo."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import signal
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from image_server.broker import Broker, BrokerEndpoints
+from image_server.client import RenderClient, RenderFailed
+from image_server.config import ServiceConfig, SocketConfig, SocketsConfig
+from image_server.errors import ImageServerError
+from image_server.generators.registry import create_generator
+from image_server.journal import recent_entries
+from image_server.manager import GeneratorManager
+from image_server.pipeline import RenderPipeline
+from image_server.service import ImageService
+from image_server.storage import OutputStore
+from schemas import ImageSource, RenderRequest, Timings
+
+console = Console()
+errors = Console(stderr=True)
+
+
+async def serve(config: ServiceConfig) -> int:
+    service = ImageService(config, handle_signals=True)
+    await service.run()
+    return 0
+
+
+def _reference_source(value: str) -> ImageSource:
+    """A local path is read here (the CLI user may read their own files); URIs go as they are."""
+    if "://" in value or value.startswith("data:"):
+        return ImageSource(uri=value)
+    return ImageSource(image_data=base64.b64encode(Path(value).read_bytes()).decode())
+
+
+async def render_once(config: ServiceConfig, args: argparse.Namespace) -> int:
+    """Render in-process (no sockets) and print each image's path."""
+    try:
+        references = [_reference_source(value) for value in args.reference]
+        request = RenderRequest(
+            request_id=f"cli-{uuid.uuid4().hex[:12]}",
+            prompt=args.prompt,
+            generator=args.generator,
+            width=args.width,
+            height=args.height,
+            seed=args.seed,
+            steps=args.steps,
+            num_images=args.num_images,
+            reference_images=references,
+            output_format=args.output_format,
+            project=args.project,
+        )
+    except (OSError, ValueError) as exc:
+        errors.print(f"[red]invalid request:[/red] {exc}")
+        return 2
+    manager = GeneratorManager(
+        config.generators, default=config.default_generator, max_in_flight=config.limits.max_in_flight
+    )
+    store = OutputStore(config.output_dir, png_compress_level=config.png_compress_level)
+    pipeline = RenderPipeline(manager, store, config.references, default_project=config.default_project)
+    try:
+        async with manager:
+            outcome = await pipeline.run(request, pipeline.admit(request))
+    except ImageServerError as exc:
+        errors.print(f"[red]{exc.code}:[/red] {exc.message}")
+        return 1
+    for image in outcome.event.images:
+        console.print(image.path or image.uri, soft_wrap=True, highlight=False)
+    return 0
+
+
+async def list_generators(config: ServiceConfig, *, check: bool) -> int:
+    table = Table("name", "strategy", "text", "image", "refs", "concurrency", *(["check"] if check else []))
+    failures = 0
+    for name, generator_config in sorted(config.generators.items()):
+        row = [name, generator_config.strategy]
+        try:
+            generator = create_generator(name, generator_config)
+            caps = generator.capabilities
+            row += [_yes(caps.text_to_image), _yes(caps.image_to_image), str(caps.max_reference_images)]
+        except ImageServerError as exc:
+            table.add_row(*row, "-", "-", "-", str(generator_config.concurrency), f"[red]{exc.message}[/red]")
+            failures += 1
+            continue
+        row.append(str(generator_config.concurrency))
+        if check:
+            try:
+                async with generator:
+                    report = await generator.health()
+                row.append(f"[green]ok[/green] {report.detail}" if report.ok else f"[red]failed[/red] {report.detail}")
+                failures += 0 if report.ok else 1
+            except ImageServerError as exc:
+                row.append(f"[red]failed[/red] {exc.message}")
+                failures += 1
+        table.add_row(*row)
+    console.print(table)
+    return 1 if check and failures else 0
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+async def demo(config: ServiceConfig) -> int:
+    """Start the service on loopback (ephemeral ports), render once through real sockets."""
+    loopback = SocketsConfig(
+        requests=SocketConfig(kind="sub", bind="tcp://127.0.0.1:0"),
+        events=SocketConfig(kind="xpub", bind="tcp://127.0.0.1:0"),
+    )
+    config = config.model_copy(update={"sockets": loopback})
+    prompt = "a lighthouse on a cliff at dusk, long exposure"
+    console.print(f"[bold]image-server demo[/bold]: generator [cyan]{config.default_generator}[/cyan]")
+    async with ImageService(config) as service:
+        console.print(f"service up: requests {service.endpoints['requests']}, events {service.endpoints['events']}")
+        async with RenderClient(service.endpoints["requests"], service.endpoints["events"]) as client:
+            started = time.perf_counter()
+            await client.wait_ready()
+            ready_ms = (time.perf_counter() - started) * 1000
+            try:
+                result = await client.render(
+                    request_id=f"demo-{uuid.uuid4().hex[:8]}", prompt=prompt, width=768, height=512, seed=7
+                )
+            except RenderFailed as exc:
+                errors.print(f"[red]render failed[/red]: {exc}")
+                return 1
+            round_trip_ms = (time.perf_counter() - started) * 1000
+    image = result.event.images[0]
+    console.print(f"prompt: {prompt!r}")
+    console.print(f"image:  [green]{image.path}[/green] ({image.width}x{image.height} {image.format})", soft_wrap=True)
+    console.print(_timings_table(result.event.timings, ready_ms, round_trip_ms))
+    return 0
+
+
+def _timings_table(timings: Timings, ready_ms: float, round_trip_ms: float) -> Table:
+    table = Table("stage", "ms", title="where the time went")
+    table.add_row("client: wait for first Heartbeat", f"{ready_ms:.1f}")
+    for stage in ("queued", "normalize", "generate", "store"):
+        table.add_row(f"service: {stage}", f"{getattr(timings, stage):.1f}")
+    table.add_row("service: total", f"{timings.total:.1f}")
+    table.add_row("client: round trip (incl. heartbeat wait)", f"{round_trip_ms:.1f}")
+    return table
+
+
+def jobs(config: ServiceConfig, *, limit: int) -> int:
+    """Recent journal entries, newest first (reads the SQLite file read-only)."""
+    table = Table("request_id", "status", "generator", "accepted", "total ms", "code")
+    for entry in recent_entries(config.state_dir, limit=limit):
+        status = "running" if entry.finished_at is None else ("done" if entry.outcome == "ImageReady" else "failed")
+        accepted = datetime.fromtimestamp(entry.accepted_at).strftime("%Y-%m-%d %H:%M:%S")
+        total = f"{entry.total_ms:.0f}" if entry.total_ms is not None else ""
+        table.add_row(entry.request_id, status, entry.generator, accepted, total, entry.code or "")
+    console.print(table)
+    return 0
+
+
+def broker(args: argparse.Namespace) -> int:
+    """Run the broker until SIGINT/SIGTERM."""
+    endpoints = BrokerEndpoints(
+        clients_requests=args.clients_requests,
+        clients_events=args.clients_events,
+        workers_requests=args.workers_requests,
+        workers_events=args.workers_events,
+        clients_kind=args.clients_kind,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    running = Broker(endpoints)
+    running.start()
+    console.print(f"broker up: {running.bound}")
+    stop.wait()
+    running.stop()
+    running.context.term()
+    return 0

@@ -1,0 +1,253 @@
+"""Cloudflare Workers AI text-to-image (``@cf/black-forest-labs/flux-1-schnell``) over REST.
+
+Plain httpx against ``/accounts/{account_id}/ai/run/{model}`` (API_CONTRACTS.md section 4);
+account id and API token both come from environment variables named in config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import httpx
+from pydantic import Field, model_validator
+
+from image_server.errors import (
+    ContentPolicy,
+    GenerationFailed,
+    GeneratorError,
+    GeneratorUnavailable,
+    ImageServerError,
+)
+from image_server.generators.base import (
+    Capabilities,
+    GeneratedImage,
+    GenerationResult,
+    Generator,
+    GeneratorConfig,
+    HealthReport,
+    RenderJob,
+    check_request,
+)
+from image_server.generators.http import (
+    decode_base64_image,
+    error_for_status,
+    image_format_of,
+    parse_retry_after,
+    read_api_key,
+    scrub,
+    translate_transport_errors,
+)
+
+ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The envelope's own codes where the HTTP status alone says too little.
+AUTH_ERROR = 10000
+DAILY_ALLOCATION_USED = 3036
+# NSFW refusals are not in Cloudflare's error table (UNCONFIRMED); recognise them by wording.
+POLICY_WORDING = re.compile(r"nsfw|unsafe|safety|inappropriate|content policy", re.IGNORECASE)
+MAX_DETAIL_CHARS = 300
+
+
+class CloudflareConfig(GeneratorConfig):
+    """``[generators.<name>]`` with ``strategy = "cloudflare"``."""
+
+    # Model knobs only; the manager builds an instance with them applied (see gemini.py on models).
+    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"steps"})
+
+    strategy: Literal["cloudflare"] = "cloudflare"
+    # Literal in the URL path: segments may not be "." or "..".
+    model: str = Field(default="@cf/black-forest-labs/flux-1-schnell", pattern=r"^@[a-z0-9-]+(/\w[\w.-]*){2}$")
+    account_id_env: str = "CLOUDFLARE_ACCOUNT_ID"
+    api_token_env: str = "CLOUDFLARE_API_TOKEN"
+    base_url: str = Field(default="https://api.cloudflare.com/client/v4", pattern=r"^https?://")
+    # Steps sent when the request names none; requests above max_steps are clamped to it.
+    steps: int = Field(default=4, ge=1, le=50)
+    max_steps: int = Field(default=8, ge=1, le=50)
+    max_prompt_chars: int = Field(default=2048, ge=1, le=100_000)
+    # The model schema has no seed (and forbids extra properties); opt in if your model takes one.
+    send_seed: bool = False
+    request_timeout_s: float | None = Field(default=None, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _steps_within_max(self) -> CloudflareConfig:
+        if self.steps > self.max_steps:
+            raise ValueError(f"steps {self.steps} is above max_steps {self.max_steps}")
+        return self
+
+
+def read_image(content: bytes, content_type: str, *, generator: str) -> bytes | dict[str, Any]:
+    """The image from a 2xx answer (blocking): ``{"result": {"image": b64}}`` or raw bytes;
+    the envelope itself if it says ``"success": false``.
+
+    Raises ``GenerationFailed`` for malformed JSON or an envelope without an image.
+    """
+    if content_type.startswith("image/"):  # some Workers AI image models answer with raw bytes
+        return content
+    try:
+        payload = json.loads(content)
+    except ValueError as exc:
+        raise GenerationFailed(f"{generator}: provider returned malformed JSON", generator=generator) from exc
+    if isinstance(payload, dict) and payload.get("success") is False:
+        return payload
+    result = payload.get("result") if isinstance(payload, dict) else None
+    image = result.get("image") if isinstance(result, dict) else None
+    if not isinstance(image, str) or not image:
+        raise GenerationFailed(f"{generator}: the response held no image (result.image missing)", generator=generator)
+    return decode_base64_image(image, generator=generator)
+
+
+class CloudflareGenerator(Generator):
+    """Text-to-image only; prompt length and steps are bounded by the model's schema."""
+
+    strategy: ClassVar[str] = "cloudflare"
+    config_model: ClassVar[type[GeneratorConfig]] = CloudflareConfig
+    config: CloudflareConfig
+
+    def __init__(
+        self, config: GeneratorConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
+        if not isinstance(config, CloudflareConfig):
+            raise TypeError(f"CloudflareGenerator needs a CloudflareConfig, not {type(config).__name__}")
+        super().__init__(config, name=name)
+        self._environ = os.environ if environ is None else environ
+        self._client: httpx.AsyncClient | None = None
+        self._token = ""
+        self._account_id = ""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            max_prompt_chars=self.config.max_prompt_chars,
+            parameters=frozenset({"steps", "seed"} if self.config.send_seed else {"steps"}),
+        )
+
+    async def open(self) -> None:
+        """Read account id and token (``GeneratorUnavailable`` if unset) and open the client."""
+        if self._client is not None:
+            return
+        self._account_id, self._token = self._read_credentials()
+        timeout = httpx.Timeout(self.config.request_timeout_s or self.config.timeout_s)
+        self._client = httpx.AsyncClient(base_url=self.config.base_url, timeout=timeout)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def generate(self, job: RenderJob) -> GenerationResult:
+        client = self._require_client()
+        config, request = self.config, job.request
+        try:
+            ignored = check_request(self.capabilities, request, self.name)
+            # The output size is the model's own (UNCONFIRMED, 1024x1024 typical): say so.
+            ignored += [side for side in ("width", "height") if getattr(request, side) is not None]
+            # Clamping keeps a habitual "steps=30" working; applied shows what was really used.
+            steps = min(request.steps or config.steps, config.max_steps)
+            body: dict[str, Any] = {"prompt": request.prompt, "steps": steps}
+            if config.send_seed and request.seed is not None:
+                body["seed"] = request.seed
+            with translate_transport_errors(self.name, self._token, self._account_id):
+                response = await client.post(
+                    f"/accounts/{self._account_id}/ai/run/{config.model}",
+                    json=body,
+                    headers={"authorization": f"Bearer {self._token}"},
+                )
+            if response.status_code >= 400:
+                raise self._http_error(response, _json_or_none(response))
+            content_type = response.headers.get("content-type", "")
+            data = await asyncio.to_thread(read_image, response.content, content_type, generator=self.name)
+            if isinstance(data, dict):
+                raise self._http_error(response, data)
+            fmt = image_format_of(data)
+            if fmt is None:
+                raise GenerationFailed(f"{self.name}: provider returned an image that is not PNG, JPEG or WebP")
+        except ImageServerError as exc:
+            exc.request_id = exc.request_id or request.request_id
+            exc.generator = exc.generator or self.name
+            raise
+        applied: dict[str, Any] = {"model": config.model, "steps": steps}
+        if request.steps is not None and request.steps > steps:
+            applied["steps_requested"] = request.steps
+        if "seed" in body:
+            applied["seed"] = request.seed
+        image = GeneratedImage(data=data, format=fmt, seed=body.get("seed"))
+        return GenerationResult(images=[image], prompt=request.prompt, applied=applied, ignored=ignored)
+
+    async def health(self) -> HealthReport:
+        """Model search on the account: checks the token, the account id and the model name."""
+        if self._client is None:
+            try:
+                self._read_credentials()
+            except GeneratorError as exc:
+                return HealthReport(ok=False, detail=str(exc))
+            return HealthReport(ok=False, detail=f"{self.name}: generator is not open")
+        model = self.config.model
+        try:
+            with translate_transport_errors(self.name, self._token, self._account_id):
+                response = await self._client.get(
+                    f"/accounts/{self._account_id}/ai/models/search",
+                    params={"search": model.rsplit("/", 1)[-1]},
+                    headers={"authorization": f"Bearer {self._token}"},
+                )
+        except GeneratorError as exc:
+            return HealthReport(ok=False, detail=str(exc))
+        payload = _json_or_none(response)
+        if response.status_code >= 400 or (isinstance(payload, dict) and payload.get("success") is False):
+            return HealthReport(ok=False, detail=str(self._http_error(response, payload)))
+        listed = payload.get("result") if isinstance(payload, dict) else None
+        entries = listed if isinstance(listed, list) else []
+        names = {entry.get("name") for entry in entries if isinstance(entry, dict)}
+        if model not in names:
+            return HealthReport(ok=False, detail=f"{self.name}: token accepted, but model {model} is not listed")
+        return HealthReport(ok=True, detail=f"{self.name}: token accepted and model {model} is available")
+
+    def _read_credentials(self) -> tuple[str, str]:
+        account_id = read_api_key(self.config.account_id_env, generator=self.name, environ=self._environ)
+        token = read_api_key(self.config.api_token_env, generator=self.name, environ=self._environ)
+        if not ACCOUNT_ID_PATTERN.match(account_id.get_secret_value()):
+            raise GeneratorUnavailable(
+                f"{self.name}: the account id in {self.config.account_id_env} is not a Cloudflare account id",
+                generator=self.name,
+            )
+        return account_id.get_secret_value(), token.get_secret_value()
+
+    def _http_error(self, response: httpx.Response, payload: Any) -> GenerationFailed:
+        """The v4 envelope ``{"success": false, "errors": [{code, message}]}`` -> our errors."""
+        errors = payload.get("errors") if isinstance(payload, dict) else None
+        entries = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
+        codes = [e.get("code") for e in entries if isinstance(e.get("code"), int)]
+        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in entries) or response.text
+        detail = scrub(text[:MAX_DETAIL_CHARS], self._token, self._account_id)
+        error_type = str(codes[0]) if codes else None
+        # A 2xx with success false carries no useful status; treat it as a refused request.
+        status = response.status_code if response.status_code >= 400 else 400
+        if POLICY_WORDING.search(text):
+            return ContentPolicy(
+                f"{self.name}: refused by the provider's content filter: {detail}",
+                status=status,
+                error_type=error_type,
+                generator=self.name,
+            )
+        if AUTH_ERROR in codes and status not in (401, 403):
+            status = 401
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        error = error_for_status(status, detail, generator=self.name, retry_after=retry_after, error_type=error_type)
+        if DAILY_ALLOCATION_USED in codes:  # the free allocation resets daily: retrying now cannot help
+            error.retryable = False
+        return error
+
+    def _require_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError(f"{self!r} is not open; use 'async with generator:' or call open() first")
+        return self._client
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None

@@ -1,0 +1,210 @@
+"""MockGenerator: deterministic local images with scriptable delays and failures.
+
+It needs no network or model, so it is the default generator of a fresh install and the
+generator every service test uses. A ``handler`` (sync or async, like httpx.MockTransport's)
+can script results, failures or checks on the job before the normal drawing happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import Field, ValidationError
+
+from image_server.errors import ConfigError, GenerationFailed, InvalidRequest
+from image_server.generators.base import (
+    Capabilities,
+    GeneratedImage,
+    GenerationResult,
+    Generator,
+    GeneratorConfig,
+    HealthReport,
+    RenderJob,
+)
+from image_server.generators.http import image_format_of
+from image_server.generators.mock_drawing import STYLES, Style, blend_reference, derive_seed, draw
+
+MockHandler = Callable[[RenderJob], "GenerationResult | None | Awaitable[GenerationResult | None]"]
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+DEFAULT_STRENGTH = 0.5
+_STYLE_NAMES: dict[str, Style] = {style: style for style in STYLES}
+
+
+class MockConfig(GeneratorConfig):
+    """``[generators.<name>]`` with ``strategy = "mock"``."""
+
+    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"style", "delay_s", "fail_rate"})
+
+    strategy: Literal["mock"] = "mock"
+    style: Style = "simple"
+    delay_s: float = Field(default=0.0, ge=0, le=600)
+    fail_rate: float = Field(default=0.0, ge=0, le=1)
+    # Serve the images in this folder (chosen by seed) instead of drawing new ones.
+    image_dir: Path | None = None
+
+
+class MockGenerator(Generator):
+    """Draws images from the request's prompt and seed; see ``mock_drawing`` for the styles."""
+
+    strategy: ClassVar[str] = "mock"
+    config_model: ClassVar[type[GeneratorConfig]] = MockConfig
+
+    config: MockConfig
+
+    def __init__(self, config: GeneratorConfig, *, name: str | None = None, handler: MockHandler | None = None) -> None:
+        if not isinstance(config, MockConfig):
+            raise TypeError(f"MockGenerator needs a MockConfig, not {type(config).__name__}")
+        super().__init__(config, name=name)
+        self._handler = handler
+        self._folder_images: list[Path] | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            text_to_image=True,
+            image_to_image=True,
+            max_reference_images=10,
+            max_images=8,
+            min_size=64,
+            max_size=4096,
+            parameters=frozenset({"seed", "strength", "style", "steps", "guidance_scale", "negative_prompt"}),
+        )
+
+    async def open(self) -> None:
+        """List ``image_dir`` (if set); a missing or empty folder is a ``ConfigError``."""
+        if self.config.image_dir is not None and self._folder_images is None:
+            self._folder_images = await asyncio.to_thread(_list_images, self.config.image_dir, self.name)
+
+    async def health(self) -> HealthReport:
+        return HealthReport(ok=True, detail="mock generator: always available")
+
+    async def generate(self, job: RenderJob) -> GenerationResult:
+        """Run the handler (if any); unless it returned a result, wait, maybe fail, then draw."""
+        if self._handler is not None:
+            scripted = self._handler(job)
+            if inspect.isawaitable(scripted):
+                scripted = await scripted
+            if scripted is not None:
+                return scripted
+        config = self._effective_config(job)
+        if config.delay_s > 0:
+            await asyncio.sleep(config.delay_s)
+        request = job.request
+        if random.Random(f"{request.request_id}:{job.attempt}").random() < config.fail_rate:
+            raise GenerationFailed(
+                f"{self.name}: simulated failure (fail_rate={config.fail_rate}, attempt {job.attempt})",
+                request_id=request.request_id,
+                generator=self.name,
+                retryable=True,
+            )
+        if config.image_dir is not None:
+            await self.open()
+        seed = request.seed if request.seed is not None else derive_seed(request.request_id)
+        style = _STYLE_NAMES.get((request.style or "").lower(), config.style)
+        strength = request.strength if request.strength is not None else DEFAULT_STRENGTH
+        job.progress(None, "drawing")
+        images = await asyncio.to_thread(self._render_all, job, seed, style, strength)
+        applied: dict[str, Any] = {"width": images[0].width, "height": images[0].height, "seed": seed, "style": style}
+        if job.references:
+            applied["strength"] = strength
+        return GenerationResult(images=images, prompt=request.prompt, applied=applied)
+
+    def _effective_config(self, job: RenderJob) -> MockConfig:
+        """The config with the job's ``generator_config`` overrides applied (refusing the rest)."""
+        if not job.overrides:
+            return self.config
+        refused = sorted(set(job.overrides) - MockConfig.OVERRIDABLE)
+        if refused:
+            raise InvalidRequest(
+                f"generator_config may not change {', '.join(refused)} for {self.name!r}",
+                request_id=job.request.request_id,
+                generator=self.name,
+            )
+        try:
+            return MockConfig.model_validate({**self.config.model_dump(), **job.overrides})
+        except ValidationError as exc:
+            raise InvalidRequest(
+                f"invalid generator_config for {self.name!r}: {exc.errors(include_url=False)[0]['msg']}",
+                request_id=job.request.request_id,
+                generator=self.name,
+            ) from exc
+
+    def _render_all(self, job: RenderJob, seed: int, style: Style, strength: float) -> list[GeneratedImage]:
+        """Blocking: draw (or load) every image of the request."""
+        reference = job.references[0].to_pil() if job.references else None
+        images: list[GeneratedImage] = []
+        for index in range(job.request.num_images):
+            image_seed = seed + index
+            if self._folder_images is not None:
+                served = self._from_folder(self._folder_images, job, image_seed, reference is None)
+                if isinstance(served, GeneratedImage):
+                    images.append(served)
+                    continue
+                picture = served
+            else:
+                lines = self._debug_lines(job, image_seed, style, index) if style == "debug" else ()
+                picture = draw(
+                    style, width=job.width, height=job.height, seed=image_seed, prompt=job.request.prompt, lines=lines
+                )
+            if reference is not None:
+                picture = blend_reference(picture, reference, strength)
+            images.append(GeneratedImage(image=picture, width=picture.width, height=picture.height, seed=image_seed))
+        return images
+
+    def _from_folder(
+        self, files: list[Path], job: RenderJob, seed: int, untouched: bool
+    ) -> GeneratedImage | Image.Image:
+        """The folder image chosen by ``seed``: its own bytes if no size was asked for and it
+        need not be blended, else decoded and cropped to the requested size."""
+        path = files[seed % len(files)]
+        try:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as opened:
+                if untouched and job.request.width is None and job.request.height is None:
+                    fmt = image_format_of(data)
+                    return GeneratedImage(data=data, format=fmt, width=opened.width, height=opened.height, seed=seed)
+                return ImageOps.fit(opened.convert("RGB"), (job.width, job.height), Image.Resampling.BICUBIC)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise GenerationFailed(
+                f"{self.name}: cannot read {path.name} from image_dir: {exc}",
+                request_id=job.request.request_id,
+                generator=self.name,
+            ) from exc
+
+    def _debug_lines(self, job: RenderJob, seed: int, style: Style, index: int) -> list[str]:
+        request = job.request
+        lines = [
+            f"request_id: {request.request_id}",
+            f"generator: {self.name}",
+            f"size: {job.width}x{job.height}",
+            f"seed: {seed}",
+            f"image: {index + 1}/{request.num_images}",
+            f"steps: {request.steps}",
+            f"guidance_scale: {request.guidance_scale}",
+            f"style: {style}",
+        ]
+        if job.references:
+            lines.append(f"references: {len(job.references)} (strength {request.strength})")
+        if request.negative_prompt:
+            lines.append(f"negative_prompt: {request.negative_prompt}")
+        lines.append(f"prompt: {request.prompt}")
+        return lines
+
+
+def _list_images(folder: Path, name: str) -> list[Path]:
+    """Blocking: the image files in ``folder``, sorted so choices by seed are stable."""
+    if not folder.is_dir():
+        raise ConfigError(f"generator {name!r}: image_dir {folder} is not a folder", generator=name)
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise ConfigError(f"generator {name!r}: image_dir {folder} holds no images ({suffixes})", generator=name)
+    return found

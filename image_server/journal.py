@@ -1,0 +1,274 @@
+"""The journal: every accepted request and its terminal event, in SQLite (WAL).
+
+All SQLite work runs on one writer thread. Operations queued while it is busy are
+committed together (group commit), so a burst of requests costs one fsync-free WAL commit
+per batch, and the event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+JOURNAL_FILE = "journal.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    request_id   TEXT PRIMARY KEY,
+    generator    TEXT NOT NULL,
+    request_json TEXT NOT NULL,
+    accepted_at  REAL NOT NULL,
+    finished_at  REAL,
+    outcome      TEXT,            -- ImageReady | RenderError | NULL while unfinished
+    code         TEXT,
+    terminal     TEXT,            -- the terminal event as published (JSON)
+    total_ms     REAL
+);
+CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(accepted_at) WHERE finished_at IS NULL;
+CREATE INDEX IF NOT EXISTS requests_finished ON requests(finished_at);
+CREATE TABLE IF NOT EXISTS blobs (
+    request_id TEXT NOT NULL,
+    idx        INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (request_id, idx)
+);
+"""
+
+
+class Admission(Enum):
+    NEW = "new"  # recorded now: render it
+    IN_FLIGHT = "in_flight"  # recorded earlier, no terminal event yet
+    FINISHED = "finished"  # has a terminal event: re-publish it
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    request_id: str
+    generator: str
+    request_json: str
+    accepted_at: float
+    finished_at: float | None = None
+    outcome: str | None = None
+    code: str | None = None
+    terminal: str | None = None
+    total_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    admission: Admission
+    entry: JournalEntry
+    blobs: list[bytes]
+
+
+_Op = tuple[Callable[[sqlite3.Connection], Any], Future[Any]]
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash (SIGKILL); only power loss can cost the
+        # last commits, which the client library's re-sends cover.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class Journal:
+    """``async with Journal(state_dir) as journal:``; every method is a coroutine run on
+    the writer thread, in submission order."""
+
+    def __init__(self, state_dir: Path, *, retention_s: float = 7 * 24 * 3600) -> None:
+        self.path = Path(state_dir) / JOURNAL_FILE
+        self.retention_s = retention_s
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+
+    async def __aenter__(self) -> Journal:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ready: Future[None] = Future()
+        self._thread = threading.Thread(target=self._writer, args=(ready,), name="journal", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(ready)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._thread is None:
+            return
+        self._ops.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def _writer(self, ready: Future[None]) -> None:
+        try:
+            conn = connect(self.path)
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            while True:
+                op = self._ops.get()
+                batch: list[_Op] = []
+                stop = op is None
+                if op is not None:
+                    batch.append(op)
+                while not stop:
+                    try:
+                        more = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                    else:
+                        batch.append(more)
+                if batch:
+                    self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for fn, future in batch:
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller was cancelled before the op ran: skip it
+            conn.execute("SAVEPOINT op")
+            try:
+                results.append((future, fn(conn), None))
+                conn.execute("RELEASE op")
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((future, None, exc))
+        try:
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            logger.exception("journal commit failed")
+            results = [(future, None, exc) for future, _, _ in results]
+        for future, value, error in results:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(value)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None:
+            raise RuntimeError("the journal is not open")
+        future: Future[T] = Future()
+        self._ops.put((fn, future))
+        return await asyncio.wrap_future(future)
+
+    # -- operations -------------------------------------------------------------------
+
+    async def admit(self, request_id: str, generator: str, request_json: str) -> Recorded:
+        """Record a new request, or say what the journal already knows about it."""
+
+        def op(conn: sqlite3.Connection) -> Recorded:
+            row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+            if row is None:
+                now = time.time()
+                conn.execute(
+                    "INSERT INTO requests (request_id, generator, request_json, accepted_at) VALUES (?, ?, ?, ?)",
+                    (request_id, generator, request_json, now),
+                )
+                return Recorded(Admission.NEW, JournalEntry(request_id, generator, request_json, now), [])
+            entry = JournalEntry(**dict(row))
+            if entry.finished_at is None:
+                return Recorded(Admission.IN_FLIGHT, entry, [])
+            blobs = [
+                bytes(r["data"])
+                for r in conn.execute("SELECT data FROM blobs WHERE request_id = ? ORDER BY idx", (request_id,))
+            ]
+            return Recorded(Admission.FINISHED, entry, blobs)
+
+        return await self._call(op)
+
+    async def finish(
+        self,
+        request_id: str,
+        outcome: str,
+        code: str | None,
+        terminal_json: str,
+        blobs: Sequence[bytes] = (),
+        total_ms: float | None = None,
+    ) -> None:
+        """Record the terminal event (before it is published)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE requests SET finished_at = ?, outcome = ?, code = ?, terminal = ?, total_ms = ? "
+                "WHERE request_id = ?",
+                (time.time(), outcome, code, terminal_json, total_ms, request_id),
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO blobs (request_id, idx, data) VALUES (?, ?, ?)",
+                [(request_id, i, blob) for i, blob in enumerate(blobs)],
+            )
+
+        await self._call(op)
+
+    async def unfinished(self) -> list[JournalEntry]:
+        """Accepted requests without a terminal record, oldest first."""
+
+        def op(conn: sqlite3.Connection) -> list[JournalEntry]:
+            rows = conn.execute("SELECT * FROM requests WHERE finished_at IS NULL ORDER BY accepted_at").fetchall()
+            return [JournalEntry(**dict(row)) for row in rows]
+
+        return await self._call(op)
+
+    async def prune(self, *, now: float | None = None) -> int:
+        """Delete finished entries older than the retention; returns how many."""
+        cutoff = (time.time() if now is None else now) - self.retention_s
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM blobs WHERE request_id IN (SELECT request_id FROM requests WHERE finished_at < ?)",
+                (cutoff,),
+            )
+            return conn.execute("DELETE FROM requests WHERE finished_at < ?", (cutoff,)).rowcount
+
+        return await self._call(op)
+
+
+def recent_entries(state_dir: Path, *, limit: int = 50) -> list[JournalEntry]:
+    """Newest entries first, read-only (for ``image-server jobs``; safe while serving)."""
+    path = Path(state_dir) / JOURNAL_FILE
+    if not path.exists():
+        return []
+    conn = connect(path, readonly=True)
+    try:
+        rows = conn.execute("SELECT * FROM requests ORDER BY accepted_at DESC LIMIT ?", (limit,)).fetchall()
+        return [JournalEntry(**dict(row)) for row in rows]
+    finally:
+        conn.close()
+
+
+def decode_request_json(entry: JournalEntry) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(entry.request_json)
+    return data

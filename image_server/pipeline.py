@@ -1,0 +1,201 @@
+"""One request from accepted to ImageReady: references, attempts along the chain, store.
+
+Sockets are not involved here, so the CLI's one-shot ``render`` uses the same path as the
+service. Errors are raised as ``image_server.errors`` classes; the caller publishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from image_server.config import ReferencesConfig
+from image_server.errors import GenerationTimeout, ImageServerError
+from image_server.generators.base import GenerationResult, ReferenceImage, RenderJob, check_request
+from image_server.manager import GeneratorManager
+from image_server.references import normalize_request_references
+from image_server.resilience import CooldownTracker, run_chain
+from image_server.storage import OutputStore
+from schemas import ImageReady, RenderRequest, Timings
+
+logger = logging.getLogger(__name__)
+
+# (stage, progress fraction or None, message or None, queue position or None)
+ProgressSink = Callable[[str, float | None, str | None, int | None], None]
+
+
+def _ignore_progress(stage: str, fraction: float | None, message: str | None, position: int | None) -> None:
+    pass
+
+
+@dataclass
+class RenderOutcome:
+    event: ImageReady
+    blobs: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Admission:
+    """What ``RenderPipeline.admit`` decided before a request is accepted: the generators
+    to try in order (the first is the requested one, or its first capable fallback) and the
+    soft parameters each will ignore."""
+
+    chain: list[str]
+    ignored: dict[str, list[str]]
+
+    @property
+    def generator(self) -> str:
+        return self.chain[0]
+
+
+@dataclass
+class _Timer:
+    received: float
+    started: float | None = None
+    normalize_s: float = 0.0
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+class RenderPipeline:
+    def __init__(
+        self,
+        manager: GeneratorManager,
+        store: OutputStore,
+        references: ReferencesConfig,
+        *,
+        default_project: str = "default",
+        http_client: httpx.AsyncClient | None = None,
+        cooldowns: CooldownTracker | None = None,
+    ) -> None:
+        self.manager = manager
+        self.store = store
+        self.references = references
+        self.default_project = default_project
+        self.http_client = http_client
+        self.cooldowns = cooldowns or CooldownTracker()
+
+    def admit(self, request: RenderRequest) -> Admission:
+        """Checks that need no I/O: generators known, overrides allowed, capabilities.
+
+        The chain is the requested generator, then the request's ``fallbacks`` or else the
+        generator's configured ones; generators that cannot serve the request are skipped.
+        """
+        primary = self.manager.resolve(request.generator)
+        self.manager.validate_overrides(primary, request.generator_config)
+        fallbacks = request.fallbacks or self.manager.config(primary).fallbacks
+        names = list(dict.fromkeys([primary, *(self.manager.resolve(name) for name in fallbacks)]))
+        chain: list[str] = []
+        ignored: dict[str, list[str]] = {}
+        first_refusal: ImageServerError | None = None
+        for name in names:
+            try:
+                ignored[name] = check_request(self.manager.capabilities(name), request, name)
+            except ImageServerError as exc:
+                first_refusal = first_refusal or exc
+                continue
+            chain.append(name)
+        if not chain:
+            assert first_refusal is not None
+            raise first_refusal
+        return Admission(chain, ignored)
+
+    async def run(
+        self,
+        request: RenderRequest,
+        admission: Admission,
+        *,
+        received_at: float | None = None,
+        progress: ProgressSink = _ignore_progress,
+    ) -> RenderOutcome:
+        timer = _Timer(time.perf_counter() if received_at is None else received_at)
+        try:
+            async with asyncio.timeout(request.timeout_s):
+                return await self._run(request, admission, timer, progress)
+        except TimeoutError as exc:
+            if isinstance(exc, ImageServerError):
+                raise
+            raise GenerationTimeout(
+                f"request did not finish within its timeout_s of {request.timeout_s:g} s",
+                request_id=request.request_id,
+                generator=admission.generator,
+            ) from exc
+
+    async def _run(
+        self, request: RenderRequest, admission: Admission, timer: _Timer, progress: ProgressSink
+    ) -> RenderOutcome:
+        references: tuple[list[ReferenceImage], ReferenceImage | None] | None = None
+
+        def on_generator_progress(fraction: float | None, message: str | None) -> None:
+            progress("generating", fraction, message, None)
+
+        async def attempt(name: str, number: int) -> tuple[GenerationResult, float]:
+            nonlocal references
+            async with self.manager.slot(name, priority=request.priority, owner=request.request_id):
+                if timer.started is None:
+                    timer.started = time.perf_counter()
+                progress("started", None, name if number > 1 else None, None)
+                if references is None:
+                    normalize_start = time.perf_counter()
+                    references = await normalize_request_references(request, self.references, client=self.http_client)
+                    timer.normalize_s = time.perf_counter() - normalize_start
+                job = RenderJob(request, references[0], references[1], attempt=number, progress=on_generator_progress)
+                overrides = request.generator_config if name == admission.chain[0] else {}
+                generate_start = time.perf_counter()
+                result = await self.manager.generate(name, job, overrides=overrides)
+                return result, time.perf_counter() - generate_start
+
+        outcome = await run_chain(admission.chain, attempt, config_for=self.manager.config, cooldowns=self.cooldowns)
+        result, generate_s = outcome.value
+        name = outcome.generator
+        progress("storing", None, None, None)
+        store_start = time.perf_counter()
+        stored = await asyncio.to_thread(
+            self.store.store,
+            request,
+            name,
+            result.images,
+            project=request.project or self.default_project,
+            parameters=_parameters(request, name, result),
+        )
+        done = time.perf_counter()
+        started = timer.started or timer.received
+        timings = Timings(
+            queued=_ms(started - timer.received),
+            normalize=_ms(timer.normalize_s),
+            generate=_ms(generate_s),
+            store=_ms(done - store_start),
+            total=_ms(done - timer.received),
+        )
+        images = [item.output for item in stored]
+        event = ImageReady(
+            request_id=request.request_id,
+            generator=name,
+            images=images,
+            uri=images[0].uri if images else None,
+            prompt=result.prompt or request.prompt,
+            timings=timings,
+            attempts=outcome.attempts,
+            applied=result.applied,
+            ignored=list(dict.fromkeys([*admission.ignored.get(name, []), *result.ignored])),
+            metadata=request.metadata,
+        )
+        return RenderOutcome(event, [item.blob for item in stored if item.blob is not None])
+
+
+def _parameters(request: RenderRequest, generator: str, result: GenerationResult) -> dict[str, Any]:
+    """What goes into the PNG text chunks: enough to reproduce the image."""
+    fields = ("prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance_scale", "strength", "style")
+    parameters: dict[str, Any] = {k: getattr(request, k) for k in fields if getattr(request, k) is not None}
+    parameters.update(request_id=request.request_id, generator=generator, applied=result.applied)
+    if result.prompt and result.prompt != request.prompt:
+        parameters["provider_prompt"] = result.prompt
+    return parameters

@@ -1,0 +1,156 @@
+"""Output storage: encode per request, write atomically, shape each ``OutputImage``.
+
+Everything here is blocking (encoding, hashing, file I/O); the service calls
+``OutputStore.store`` on a worker thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from image_server.generators.base import GeneratedImage
+from image_server.generators.http import image_format_of
+from image_server.pngtext import insert_text
+from schemas import OutputFormat, OutputImage, RenderRequest
+
+EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+JPEG_QUALITY = 92
+WEBP_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    output: OutputImage
+    blob: bytes | None = None  # raw bytes to send as an extra frame (delivery "frames")
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    data: bytes
+    width: int
+    height: int
+
+
+def _safe_component(value: str, what: str) -> str:
+    # The schema already restricts these names; this is the last line before the filesystem.
+    if not value or value.startswith(".") or "/" in value or "\\" in value or "\x00" in value:
+        raise ValueError(f"unsafe {what} for a path component: {value!r}")
+    return value
+
+
+class OutputStore:
+    def __init__(self, output_dir: Path, *, png_compress_level: int = 1) -> None:
+        self.output_dir = Path(output_dir)
+        self.png_compress_level = png_compress_level
+
+    def store(
+        self,
+        request: RenderRequest,
+        generator: str,
+        images: Sequence[GeneratedImage],
+        *,
+        project: str,
+        parameters: Mapping[str, Any],
+        now: datetime | None = None,
+    ) -> list[StoredImage]:
+        """Encode and deliver every image as the request's ``delivery`` says."""
+        texts = {"parameters": json.dumps(dict(parameters), default=str), "prompt": request.prompt}
+        folder = self.output_dir / _safe_component(project, "project") / _safe_component(generator, "generator")
+        folder = folder / (now or datetime.now(UTC)).strftime("%Y%m%d")
+        stored: list[StoredImage] = []
+        for index, image in enumerate(images):
+            if request.delivery == "url" and image.url is not None and image.data is None and image.image is None:
+                stored.append(StoredImage(_passthrough(image)))
+                continue
+            fmt = request.output_format
+            encoded = self._encode(image, fmt, texts)
+            digest = hashlib.sha256(encoded.data).hexdigest()
+            common: dict[str, Any] = {
+                "width": encoded.width,
+                "height": encoded.height,
+                "format": fmt,
+                "seed": image.seed,
+                "sha256": digest,
+            }
+            if request.delivery == "inline":
+                stored.append(StoredImage(OutputImage(data=base64.b64encode(encoded.data).decode(), **common)))
+            elif request.delivery == "frames":
+                frame = sum(1 for item in stored if item.blob is not None)
+                stored.append(StoredImage(OutputImage(frame=frame, **common), blob=encoded.data))
+            else:
+                name = f"{_safe_component(request.request_id, 'request id')}_{index}.{EXTENSIONS[fmt]}"
+                path = write_atomic(folder / name, encoded.data)
+                stored.append(StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common)))
+        return stored
+
+    def _encode(self, image: GeneratedImage, fmt: OutputFormat, texts: Mapping[str, str]) -> _Encoded:
+        if image.data is not None and (image.format or image_format_of(image.data)) == fmt:
+            # Fast path: the provider already sent this format; keep its bytes.
+            with Image.open(io.BytesIO(image.data)) as opened:
+                width, height = opened.size
+            data = insert_text(image.data, texts) if fmt == "png" else image.data
+            return _Encoded(data, width, height)
+        if image.image is not None:
+            picture = image.image
+        elif image.data is not None:
+            with Image.open(io.BytesIO(image.data)) as opened:
+                opened.load()
+                picture = opened.copy()
+        else:
+            raise ValueError("a generated image has neither data nor pixels")
+        return _Encoded(self._encode_pixels(picture, fmt, texts), picture.width, picture.height)
+
+    def _encode_pixels(self, picture: Image.Image, fmt: OutputFormat, texts: Mapping[str, str]) -> bytes:
+        buffer = io.BytesIO()
+        if fmt == "png":
+            info = PngImagePlugin.PngInfo()
+            for key, text in texts.items():
+                info.add_itxt(key, text)
+            picture.save(buffer, "PNG", compress_level=self.png_compress_level, pnginfo=info)
+        elif fmt == "jpeg":
+            if picture.mode not in ("RGB", "L"):
+                picture = picture.convert("RGB")
+            picture.save(buffer, "JPEG", quality=JPEG_QUALITY)
+        else:
+            if picture.mode not in ("RGB", "RGBA"):
+                picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
+            picture.save(buffer, "WEBP", quality=WEBP_QUALITY)
+        return buffer.getvalue()
+
+
+def _passthrough(image: GeneratedImage) -> OutputImage:
+    """A provider URL handed on untouched (delivery ``url``)."""
+    assert image.url is not None
+    fmt = image.format
+    if fmt not in EXTENSIONS:
+        suffix = image.url.split("?", 1)[0].rsplit(".", 1)[-1].lower()
+        fmt = {"jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}.get(suffix, "png")
+    return OutputImage(uri=image.url, width=image.width or 0, height=image.height or 0, format=fmt, seed=image.seed)
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write via a temp file in the same folder and ``os.replace``: readers never see a
+    partial image, and a crash leaves the old file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path.resolve()

@@ -1,0 +1,288 @@
+"""A fake fal.ai (queue, storage, CDN on one 127.0.0.1 origin) for the real fal-client (contract section 1.7).
+
+``serve_fal(scenario)`` starts it and, by default, points fal_client's module URLs at it
+(recipe A: plain http). Scenario knobs script statuses, errors, outputs and hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+from tests.fakes.fal_rules import check_arguments
+from tests.fakes.fal_state import (
+    DEFAULT_KEY,
+    DEFAULT_STATUSES,
+    HANG_LIMIT_S,
+    FakeError,
+    FakeFal,
+    FakeJob,
+    FalScenario,
+    make_image,
+)
+from tests.fakes.server import JSONHandler, serve_in_thread
+
+__all__ = [
+    "DEFAULT_KEY",
+    "DEFAULT_STATUSES",
+    "FakeError",
+    "FakeFal",
+    "FakeJob",
+    "FalScenario",
+    "patched_fal_client",
+    "serve_fal",
+]
+
+CDN_TOKEN = "fake-cdn-token"
+REQUEST_PATH = re.compile(r"^/(?P<owner>[^/]+)/(?P<app>[^/]+)/requests/(?P<id>[^/]+)(?P<tail>/status|/cancel)?$")
+
+
+class FalHandler(JSONHandler):
+    fake: ClassVar[FakeFal]
+    disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would add ~40 ms each
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_PUT(self) -> None:
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        body = self.read_body()
+        url = urlsplit(self.path)
+        path, method = url.path, self.command
+        try:
+            if method == "POST" and path == "/storage/auth/token":
+                self._token()
+            elif method == "POST" and path == "/files/upload":
+                self._cdn_upload(body)
+            elif method == "POST" and path == "/storage/upload/initiate":
+                self._initiate(body)
+            elif method == "PUT" and path.startswith("/uploads/"):
+                self.fake.store(path.removeprefix("/uploads/"), body, self.headers.get("Content-Type", ""))
+                self.send_json(200, {})
+            elif method == "GET" and path.startswith("/files/"):
+                self._file(path.removeprefix("/files/"))
+            elif (match := REQUEST_PATH.match(path)) is not None:
+                self._queue_request(method, match["id"], match["tail"] or "", parse_qs(url.query))
+            elif method == "POST":
+                self._submit(path.strip("/"), body)
+            else:
+                self.send_json(404, {"detail": f"no route for {method} {path}"})
+        except (BrokenPipeError, ConnectionResetError):  # the client went away (cancelled)
+            pass
+        except Exception as exc:  # a bug in the fake: fail the test at teardown, not with a hang
+            self.fake.crashes.append(exc)
+            self.send_json(500, {"detail": f"fake fal crashed: {exc!r}", "error_type": "fake_server_bug"})
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _authorized(self, expected: str) -> bool:
+        if self.headers.get("Authorization") == expected:
+            return True
+        self.send_json(401, {"detail": "No user found for Key ID and Secret"})
+        return False
+
+    def _injected(self, stage: str) -> bool:
+        error = self.fake.take_error(stage)
+        if error is None:
+            return False
+        if isinstance(error.body, bytes):
+            self.send_bytes(error.status, error.body, "text/plain", error.headers)
+        else:
+            self.send_json(error.status, error.body if error.body is not None else {}, error.headers)
+        return True
+
+    def _job(self, request_id: str) -> FakeJob | None:
+        with self.fake.lock:
+            job = self.fake.jobs.get(request_id)
+        if job is None:
+            self.send_json(404, {"detail": f"Request {request_id} not found"})
+        return job
+
+    # -- storage and CDN -----------------------------------------------------------------------
+
+    def _token(self) -> None:
+        if not self._authorized(f"Key {self.fake.scenario.key}") or self._injected("token"):
+            return
+        expires = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        token = {"token": CDN_TOKEN, "token_type": "Bearer", "base_url": self.fake.base_url, "expires_at": expires}
+        self.send_json(200, token)
+
+    def _cdn_upload(self, body: bytes) -> None:
+        if not self._authorized(f"Bearer {CDN_TOKEN}") or self._injected("cdn_upload"):
+            return
+        name = f"upload-{self.fake.next_id()}"
+        self.send_json(200, {"access_url": self.fake.store(name, body, self.headers.get("Content-Type", ""))})
+
+    def _initiate(self, body: bytes) -> None:
+        if not self._authorized(f"Key {self.fake.scenario.key}") or self._injected("storage_initiate"):
+            return
+        name = f"gcs-{self.fake.next_id()}"
+        self.send_json(
+            200,
+            {"upload_url": f"{self.fake.base_url}/uploads/{name}", "file_url": f"{self.fake.base_url}/files/{name}"},
+        )
+
+    def _file(self, name: str) -> None:
+        with self.fake.lock:
+            stored = self.fake.files.get(name)
+        if stored is None:
+            self.send_json(404, {"detail": "file not found"})
+        else:
+            self.send_bytes(200, stored[0], stored[1] or "application/octet-stream")
+
+    # -- queue ---------------------------------------------------------------------------------
+
+    def _submit(self, endpoint: str, body: bytes) -> None:
+        scenario = self.fake.scenario
+        self.fake.submitting.set()
+        if scenario.submit_delay_s:
+            self.fake.stopping.wait(scenario.submit_delay_s)
+        if not self._authorized(f"Key {scenario.key}") or self._injected("submit"):
+            return
+        try:
+            arguments = json.loads(body or b"{}")
+        except ValueError:
+            self.send_json(400, {"detail": "body is not JSON", "error_type": "bad_request"})
+            return
+        problems = check_arguments(endpoint, arguments, strict=scenario.strict, known_files=set(self.fake.files))
+        if problems:
+            self.send_json(422, {"detail": problems})
+            return
+        job = FakeJob(self.fake.next_id(), endpoint, arguments)
+        with self.fake.lock:
+            self.fake.jobs[job.request_id] = job
+        owner, app = endpoint.split("/")[:2]  # the subpath is dropped, as fal does
+        base = f"{self.fake.base_url}/{owner}/{app}/requests/{job.request_id}"
+        first = scenario.statuses[0]
+        self.send_json(
+            200,
+            {
+                "status": "IN_QUEUE",
+                "request_id": job.request_id,
+                "response_url": base,
+                "status_url": f"{base}/status",
+                "cancel_url": f"{base}/cancel",
+                "queue_position": first[1] if first[0] == "IN_QUEUE" else 0,
+            },
+        )
+
+    def _queue_request(self, method: str, request_id: str, tail: str, query: dict[str, list[str]]) -> None:
+        if not self._authorized(f"Key {self.fake.scenario.key}"):
+            return
+        job = self._job(request_id)
+        if job is None:
+            return
+        if method == "GET" and tail == "/status":
+            self._status(job, with_logs=query.get("logs", ["false"])[0] == "true")
+        elif method == "GET" and tail == "":
+            self._result(job)
+        elif method == "PUT" and tail == "/cancel":
+            if self._injected("cancel"):
+                return
+            if job.completed:
+                self.send_json(400, {"status": "ALREADY_COMPLETED"})
+            else:
+                job.cancelled.set()
+                job.unblock.set()
+                self.send_json(202, {"status": "CANCELLATION_REQUESTED"})
+        else:
+            self.send_json(405, {"detail": f"{method} not allowed here"})
+
+    def _status(self, job: FakeJob, *, with_logs: bool) -> None:
+        scenario = self.fake.scenario
+        with self.fake.lock:
+            poll = job.polls
+            job.polls += 1
+        if scenario.hang_at_poll == poll:
+            self.fake.hanging.set()
+            job.unblock.wait(HANG_LIMIT_S)
+        if self._injected("status"):
+            return
+        state, position = scenario.statuses[min(poll, len(scenario.statuses) - 1)]
+        logs: list[dict[str, str]] | None = [] if with_logs else None
+        if state == "IN_QUEUE":
+            self.send_json(202, {"status": state, "queue_position": position, "request_id": job.request_id})
+        elif state == "IN_PROGRESS":
+            self.send_json(202, {"status": state, "logs": logs, "request_id": job.request_id})
+        else:
+            job.completed = True
+            self.send_json(200, {"status": state, "logs": logs, "metrics": {"inference_time": 0.01}})
+
+    def _result(self, job: FakeJob) -> None:
+        scenario = self.fake.scenario
+        if self._injected("result"):
+            return
+        if scenario.raw_result is not None:
+            self.send_bytes(200, scenario.raw_result, "application/json")
+            return
+        if scenario.output is not None:
+            self.send_json(200, scenario.output)
+            return
+        args = job.arguments
+        fmt = args.get("output_format") or args.get("format") or "jpeg"
+        count = int(args.get("num_images", 1))
+        images = []
+        for index in range(count):
+            data = make_image(scenario.image_side, fmt, (10 * index, 120, 200))
+            url = self.fake.store(f"{job.request_id}-{index}.{fmt}", data, f"image/{fmt}")
+            images.append(
+                {
+                    "url": url,
+                    "width": scenario.image_side,
+                    "height": scenario.image_side,
+                    "content_type": f"image/{fmt}",
+                }
+            )
+        nsfw = scenario.nsfw if isinstance(scenario.nsfw, list) else [scenario.nsfw] * count
+        output = {
+            "images": images,
+            "seed": args.get("seed", 1234),
+            "has_nsfw_concepts": nsfw,
+            "prompt": args.get("prompt"),
+        }
+        self.send_json(200, {**output, "timings": {"inference": 0.01}})
+
+
+@contextmanager
+def patched_fal_client(base_url: str, *, max_attempts: int = 2) -> Iterator[None]:
+    """Recipe A: point fal_client's module URLs at ``base_url`` (plain http); restore afterwards."""
+    import fal_client.client as fc
+
+    names = ("QUEUE_URL_FORMAT", "RUN_URL_FORMAT", "REST_URL", "CDN_URL", "MAX_ATTEMPTS")
+    saved = {name: getattr(fc, name) for name in names}
+    values = (f"{base_url}/", f"{base_url}/", base_url, base_url, max_attempts)
+    try:
+        for name, value in zip(names, values, strict=True):
+            setattr(fc, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(fc, name, value)
+
+
+@contextmanager
+def serve_fal(scenario: FalScenario | None = None, *, patch_client: bool = True) -> Iterator[FakeFal]:
+    """Run a fake fal (and, with ``patch_client``, aim fal_client at it) for the ``with`` block."""
+    fake = FakeFal(scenario or FalScenario())
+    handler = type("BoundFalHandler", (FalHandler,), {"fake": fake, "recorder": fake.recorder})
+    with serve_in_thread(handler) as base_url:
+        fake.base_url = base_url
+        try:
+            if patch_client:
+                with patched_fal_client(base_url):
+                    yield fake
+            else:
+                yield fake
+        finally:
+            fake.release_all()
+        assert not fake.crashes, f"the fake fal server crashed: {fake.crashes!r}"

@@ -1,0 +1,68 @@
+"""Scheduler: global bound, per-key limits, priorities, cancellation while waiting."""
+
+from __future__ import annotations
+
+import asyncio
+
+from image_server.scheduler import Scheduler
+
+
+async def hold(scheduler, key, limit, priority, order, gate, owner=""):
+    async with scheduler.slot(key, limit, priority, owner=owner):
+        order.append(owner)
+        await gate.wait()
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_global_bound_and_priority_order():
+    scheduler = Scheduler(max_in_flight=1)
+    gate = asyncio.Event()
+    order: list[str] = []
+    first = asyncio.create_task(hold(scheduler, "a", 10, 0, order, gate, "first"))
+    await settle()
+    waiters = [
+        asyncio.create_task(hold(scheduler, "a", 10, priority, order, gate, name))
+        for name, priority in (("low", 0), ("high", 5), ("low2", 0), ("mid", 1))
+    ]
+    await settle()
+    assert scheduler.in_flight == 1 and scheduler.queued == 4
+    assert scheduler.position("high") == 1 and scheduler.position("low2") == 4
+    gate.set()
+    async with asyncio.timeout(2):
+        await asyncio.gather(first, *waiters)
+    assert order == ["first", "high", "mid", "low", "low2"]
+    assert scheduler.in_flight == 0
+
+
+async def test_busy_key_does_not_block_other_keys():
+    scheduler = Scheduler(max_in_flight=4)
+    gate = asyncio.Event()
+    order: list[str] = []
+    tasks = [asyncio.create_task(hold(scheduler, "slow", 1, 9, order, gate, f"slow{i}")) for i in range(3)]
+    await settle()
+    other = asyncio.create_task(hold(scheduler, "fast", 1, 0, order, gate, "fast"))
+    await settle()
+    assert order == ["slow0", "fast"] and scheduler.running("slow") == 1
+    gate.set()
+    async with asyncio.timeout(2):
+        await asyncio.gather(*tasks, other)
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_frees_nothing_it_did_not_hold():
+    scheduler = Scheduler(max_in_flight=1)
+    gate = asyncio.Event()
+    order: list[str] = []
+    first = asyncio.create_task(hold(scheduler, "a", 1, 0, order, gate, "first"))
+    await settle()
+    waiting = asyncio.create_task(hold(scheduler, "a", 1, 0, order, gate, "waiting"))
+    await settle()
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    assert scheduler.queued == 0 and scheduler.in_flight == 1
+    gate.set()
+    await first
+    assert scheduler.in_flight == 0 and order == ["first"]
