@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="list recent journal entries")
     jobs.add_argument("--limit", type=int, default=30)
 
+    keys = commands.add_parser("keys", help="CURVE key pairs")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    generate = keys_commands.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (mode 0600)")
+    generate.add_argument("--dir", default="keys", help="folder for the key files (created 0700)")
+    generate.add_argument("--name", default="server", help="file name stem, e.g. server or a client's name")
+
     broker = commands.add_parser("broker", help="one address for clients in front of N workers")
     broker.add_argument("--clients-requests", default="tcp://127.0.0.1:5555", help="clients send requests here")
     broker.add_argument("--clients-events", default="tcp://127.0.0.1:5556", help="clients subscribe here")
@@ -106,10 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level if args.command in ("serve", "broker") else "warning")
-    if args.command == "broker":
+    if args.command in ("broker", "keys"):
         from image_server import commands
 
-        return commands.broker(args)
+        return commands.broker(args) if args.command == "broker" else commands.generate_keys(args)
     try:
         config = load_config(_config_path(args.config), overrides=_flag_overrides(args))
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import zmq
 import zmq.asyncio
 
+from image_server.security import KeyPair, make_client
 from schemas import (
     CancelRequest,
     Heartbeat,
@@ -92,6 +93,8 @@ class RenderClient:
         nudge_interval_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_event: Callable[[Any], None] | None = None,
+        curve_keys: KeyPair | None = None,
+        curve_server_key: bytes | None = None,
     ) -> None:
         self.requests_endpoint = requests_endpoint
         self.events_endpoint = events_endpoint
@@ -106,6 +109,9 @@ class RenderClient:
         self._heartbeats: dict[str, tuple[float, float]] = {}  # service_id -> (seen at, interval)
         self.max_message_bytes = max_message_bytes
         self.on_event = on_event
+        if (curve_keys is None) != (curve_server_key is None):
+            raise ValueError("CURVE needs both the client's key pair and the server's public key")
+        self._curve = (curve_keys, curve_server_key) if curve_keys is not None and curve_server_key else None
         self.duplicates = 0
         self._pending: dict[str, _Pending] = {}
         self._statuses: dict[str, asyncio.Future[ServiceStatus]] = {}
@@ -117,18 +123,26 @@ class RenderClient:
     async def __aenter__(self) -> RenderClient:
         self._events = self.context.socket(zmq.SUB)
         self._events.setsockopt(zmq.LINGER, 0)
+        self._secure(self._events)
         self._events.setsockopt(zmq.SUBSCRIBE, b"Heartbeat")
         for message_type in _REPLY_TYPES:
             self._events.setsockopt(zmq.SUBSCRIBE, f"{message_type}/{self.client_id}".encode())
         self._events.connect(self.events_endpoint)
         self._sender = self.context.socket(zmq.PUB if self.requests_kind == "pub" else zmq.PUSH)
         self._sender.setsockopt(zmq.LINGER, 0)
+        self._secure(self._sender)
         self._sender.connect(self.requests_endpoint)
         self._reader = asyncio.create_task(self._read_events(), name=f"{self.client_id}-events")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def _secure(self, socket: zmq.asyncio.Socket) -> None:
+        if self._curve is not None:
+            keys, server_key = self._curve
+            assert keys is not None and server_key is not None
+            make_client(socket, keys, server_key)
 
     async def aclose(self) -> None:
         if self._reader is not None:

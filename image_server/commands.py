@@ -22,6 +22,7 @@ from image_server.generators.registry import create_generator
 from image_server.journal import recent_entries
 from image_server.manager import GeneratorManager
 from image_server.pipeline import RenderPipeline
+from image_server.security import generate_keypair
 from image_server.service import ImageService
 from image_server.storage import OutputStore
 from schemas import ImageSource, RenderRequest, Timings
@@ -181,4 +182,14 @@ def broker(args: argparse.Namespace) -> int:
     stop.wait()
     running.stop()
     running.context.term()
+    return 0
+
+
+def generate_keys(args: argparse.Namespace) -> int:
+    public, secret = generate_keypair(Path(args.dir), args.name)
+    console.print(f"public key: {public}\nsecret key: {secret} (mode 600; keep it on this machine)")
+    console.print(
+        "A service loads its .key_secret (security.secret_key); copy a client's .key (public) into the "
+        "service's security.authorized_keys folder to let that client in."
+    )
     return 0

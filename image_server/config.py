@@ -60,7 +60,11 @@ class SocketsConfig(_Section):
 class LimitsConfig(_Section):
     max_in_flight: int = Field(default=32, ge=1, le=10_000)
     max_queued: int = Field(default=1000, ge=0, le=1_000_000)
+    # Larger inbound messages get RenderError(invalid_request); libzmq itself drops (with a
+    # disconnect, and no error to the sender) anything over twice this, before buffering it.
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    # Requests in flight or queued per reply_to (clients without one share a bucket); 0 = no cap.
+    max_in_flight_per_client: int = Field(default=0, ge=0)
     cache_size: int = Field(default=8, ge=1, le=1000)
 
 
@@ -72,6 +76,15 @@ class ReferencesConfig(_Section):
     max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=4096 * 4096, ge=64 * 64)
     http_timeout_s: float = Field(default=15.0, gt=0)
+
+
+class SecurityConfig(_Section):
+    """CURVE for every socket (off by default; see SECURITY.md)."""
+
+    curve: bool = False
+    secret_key: Path = Path("keys/server.key_secret")  # this service's key pair (mode 0600)
+    authorized_keys: Path = Path("keys/authorized")  # public keys of the clients allowed in
+    server_public_key: Path | None = None  # for sockets that connect to a CURVE server (a broker)
 
 
 class JournalConfig(_Section):
@@ -95,6 +108,7 @@ class ServiceConfig(_Section):
     limits: LimitsConfig = LimitsConfig()
     references: ReferencesConfig = ReferencesConfig()
     journal: JournalConfig = JournalConfig()
+    security: SecurityConfig = SecurityConfig()
     generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -10,6 +10,8 @@ import zmq
 import zmq.asyncio
 
 from image_server.config import SocketConfig
+from image_server.errors import ConfigError
+from image_server.security import KeyPair, make_client, make_server, prepare_ipc_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,19 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return False  # '*', an interface name or a host name: reachable from elsewhere
 
 
-def open_socket(context: zmq.asyncio.Context, config: SocketConfig, *, role: str) -> zmq.asyncio.Socket:
-    """A socket of ``config.kind``, bound or connected; bind errors name the address."""
+def open_socket(
+    context: zmq.asyncio.Context,
+    config: SocketConfig,
+    *,
+    role: str,
+    curve: KeyPair | None = None,
+    curve_server_key: bytes | None = None,
+) -> zmq.asyncio.Socket:
+    """A socket of ``config.kind``, bound or connected; bind errors name the address.
+
+    With ``curve`` keys a bound socket is a CURVE server (clients must be on the ZAP
+    allow-list); a connecting one is a CURVE client of ``curve_server_key``.
+    """
     socket = context.socket(_KINDS[config.kind])
     socket.setsockopt(zmq.LINGER, 0)
     if config.kind in ("pub", "xpub"):
@@ -43,10 +56,28 @@ def open_socket(context: zmq.asyncio.Context, config: SocketConfig, *, role: str
         socket.setsockopt(zmq.XPUB_VERBOSE, 1)
     if config.kind == "sub":
         socket.setsockopt(zmq.SUBSCRIBE, b"")
+    if curve is not None:
+        if config.bind:
+            make_server(socket, curve)
+        elif curve_server_key is None:
+            socket.close(linger=0)
+            raise ConfigError(f"sockets.{role} connects with CURVE on: set security.server_public_key")
+        else:
+            make_client(socket, curve, curve_server_key)
     try:
         if config.bind:
+            prepare_ipc_endpoint(config.bind)
             if not is_loopback_endpoint(config.bind):
-                logger.warning("%s socket binds %s, which is reachable beyond this machine", role, config.bind)
+                if curve is None:
+                    logger.warning(
+                        "SECURITY: the %s socket binds %s, reachable beyond this machine, WITHOUT CURVE: anyone "
+                        "who can reach it can %s. Set [security] curve = true (see SECURITY.md).",
+                        role,
+                        config.bind,
+                        "send requests" if role == "requests" else "read every event",
+                    )
+                else:
+                    logger.info("%s socket binds %s with CURVE", role, config.bind)
             socket.bind(config.bind)
         for endpoint in config.connect:
             socket.connect(endpoint)

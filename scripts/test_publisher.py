@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from image_server.client import RenderClient, RenderFailed
+from image_server.security import load_keypair, load_public_key
 from schemas import ImageSource, RenderRequest
 
 console = Console()
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int)
     parser.add_argument("--delivery", choices=["file", "inline", "frames", "url"], default="file")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each request")
+    parser.add_argument("--server-key", help="CURVE: the service's public key file (server.key)")
+    parser.add_argument("--client-key", help="CURVE: this client's secret key file (client.key_secret)")
     return parser.parse_args(argv)
 
 
@@ -60,7 +63,11 @@ async def run(args: argparse.Namespace) -> int:
     failures: list[str] = []
     semaphore = asyncio.Semaphore(args.concurrency)
     kind = "push" if args.push else "pub"
-    async with RenderClient(args.requests, args.events, requests_kind=kind) as client:
+    server_key = load_public_key(Path(args.server_key)) if args.server_key else None
+    client_keys = load_keypair(Path(args.client_key)) if args.client_key else None
+    async with RenderClient(
+        args.requests, args.events, requests_kind=kind, curve_keys=client_keys, curve_server_key=server_key
+    ) as client:  # type: ignore[arg-type]
         with console.status("waiting for the service's heartbeat..."):
             await client.wait_ready(timeout=30)
         with Progress(
