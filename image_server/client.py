@@ -106,7 +106,8 @@ class RenderClient:
         self.max_resend_interval_s = max_resend_interval_s
         self.nudge_interval_s = nudge_interval_s
         self.resends = 0
-        self._heartbeats: dict[str, tuple[float, float]] = {}  # service_id -> (seen at, interval)
+        # service_id -> (seen at, interval, uptime, seq) of its latest Heartbeat
+        self._heartbeats: dict[str, tuple[float, float, float, int]] = {}
         self.max_message_bytes = max_message_bytes
         self.on_event = on_event
         if (curve_keys is None) != (curve_server_key is None):
@@ -204,9 +205,11 @@ class RenderClient:
 
         Until ``RenderAccepted``: every ``resend_interval_s``, growing to the maximum (the
         subscription may not have reached the service yet). After it: only when the
-        accepting service's Heartbeats stop (it died or restarted; its journal or another
-        worker takes over) or nothing was heard for ``nudge_interval_s`` (a terminal event
-        lost in transit is then re-published from the journal).
+        accepting service's Heartbeats stop or show that it restarted, as until the first
+        acceptance (its journal or another worker takes over; events it published before we
+        re-subscribed are lost, so a restarted service must confirm again), or when nothing
+        was heard for ``nudge_interval_s`` (a lost terminal event is re-published from the
+        journal).
         """
         loop = asyncio.get_running_loop()
         interval = self.resend_interval_s
@@ -218,13 +221,14 @@ class RenderClient:
             if done:
                 return pending.done.result()
             now = loop.time()
+            if pending.accepted_by is not None and self._is_stale(pending.accepted_by, now):
+                pending.accepted_by = None
+                interval = self.resend_interval_s
             if pending.accepted_by is None:
                 if now - last_sent < interval:
                     continue
                 interval = min(interval * 1.5, self.max_resend_interval_s)
-            elif not (self._is_stale(pending.accepted_by, now) and now - last_sent >= interval) and (
-                now - max(pending.last_heard, last_sent) < self.nudge_interval_s
-            ):
+            elif now - max(pending.last_heard, last_sent) < self.nudge_interval_s:
                 continue
             self.resends += 1
             await self._send(frames)
@@ -234,7 +238,7 @@ class RenderClient:
         seen = self._heartbeats.get(service_id)
         if seen is None:
             return True
-        seen_at, interval = seen
+        seen_at, interval, _, _ = seen
         return now - seen_at > 3 * interval + 0.5
 
     async def _send(self, frames: list[bytes]) -> None:
@@ -276,7 +280,19 @@ class RenderClient:
 
     def _dispatch(self, event: Any, blobs: list[bytes]) -> None:
         if isinstance(event, Heartbeat):
-            self._heartbeats[event.service_id] = (asyncio.get_running_loop().time(), event.interval_s)
+            previous = self._heartbeats.get(event.service_id)
+            self._heartbeats[event.service_id] = (
+                asyncio.get_running_loop().time(),
+                event.interval_s,
+                event.uptime_s,
+                event.seq,
+            )
+            if previous is not None and (event.uptime_s < previous[2] or event.seq < previous[3]):
+                # A new process under the same service_id (uptime and seq start again): its
+                # acceptances are void until it confirms them (see _send_until_done).
+                for waiting in self._pending.values():
+                    if waiting.accepted_by == event.service_id:
+                        waiting.accepted_by = None
             self._ready.set()
             return
         if self.on_event is not None:

@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from image_server.broker import Broker, BrokerEndpoints
@@ -82,7 +83,7 @@ async def render_once(config: ServiceConfig, args: argparse.Namespace) -> int:
 
 async def list_generators(config: ServiceConfig, *, check: bool) -> int:
     table = Table("name", "strategy", "text", "image", "refs", "concurrency", *(["check"] if check else []))
-    failures = 0
+    problems: list[str] = []
     for name, generator_config in sorted(config.generators.items()):
         row = [name, generator_config.strategy]
         try:
@@ -90,22 +91,28 @@ async def list_generators(config: ServiceConfig, *, check: bool) -> int:
             caps = generator.capabilities
             row += [_yes(caps.text_to_image), _yes(caps.image_to_image), str(caps.max_reference_images)]
         except ImageServerError as exc:
-            table.add_row(*row, "-", "-", "-", str(generator_config.concurrency), f"[red]{exc.message}[/red]")
-            failures += 1
+            table.add_row(*row, "-", "-", "-", str(generator_config.concurrency), f"[red]{escape(exc.message)}[/red]")
+            problems.append(f"{name}: {exc.message}")
             continue
         row.append(str(generator_config.concurrency))
         if check:
             try:
                 async with generator:
                     report = await generator.health()
-                row.append(f"[green]ok[/green] {report.detail}" if report.ok else f"[red]failed[/red] {report.detail}")
-                failures += 0 if report.ok else 1
+                detail = escape(report.detail)
+                row.append(f"[green]ok[/green] {detail}" if report.ok else f"[red]failed[/red] {detail}")
+                if not report.ok:
+                    problems.append(f"{name}: {report.detail}")
             except ImageServerError as exc:
-                row.append(f"[red]failed[/red] {exc.message}")
-                failures += 1
+                row.append(f"[red]failed[/red] {escape(exc.message)}")
+                problems.append(f"{name}: {exc.message}")
         table.add_row(*row)
     console.print(table)
-    return 1 if check and failures else 0
+    # Table cells wrap and truncate at the terminal width (80 columns when piped): repeat each
+    # problem whole, so the variable or package to fix is always readable.
+    for problem in problems:
+        errors.print(problem, markup=False, highlight=False, soft_wrap=True)
+    return 1 if check and problems else 0
 
 
 def _yes(value: bool) -> str:

@@ -38,7 +38,10 @@ def read_file_reference(uri: str, config: ReferencesConfig) -> bytes:
     """
     if not config.allowed_roots:
         raise ReferenceImageError("file:// references are disabled (no references.allowed_roots configured)")
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:  # e.g. "file://[x/..." ("Invalid IPv6 URL")
+        raise ReferenceImageError("invalid file:// URI") from exc
     if parts.netloc not in ("", "localhost"):
         raise ReferenceImageError("file:// URIs naming a host are not supported")
     if parts.query or parts.fragment:

@@ -87,6 +87,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         # NORMAL in WAL mode survives a process crash (SIGKILL); only power loss can cost the
         # last commits, which the client library's re-sends cover.
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
         conn.executescript(_SCHEMA)
     conn.row_factory = sqlite3.Row
     return conn
@@ -153,7 +154,16 @@ class Journal:
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            # Another process held the write lock past busy_timeout (or the disk failed):
+            # fail this batch, keep the writer alive for the next one.
+            logger.error("journal: cannot start a transaction: %s", exc)
+            for _, future in batch:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(exc)
+            return
         for fn, future in batch:
             if not future.set_running_or_notify_cancel():
                 continue  # its caller was cancelled before the op ran: skip it
@@ -221,11 +231,13 @@ class Journal:
         """Record the terminal event (before it is published)."""
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
+            updated = conn.execute(
                 "UPDATE requests SET finished_at = ?, outcome = ?, code = ?, terminal = ?, total_ms = ? "
-                "WHERE request_id = ?",
+                "WHERE request_id = ? AND finished_at IS NULL",  # the first terminal event stays
                 (time.time(), outcome, code, terminal_json, total_ms, request_id),
             )
+            if updated.rowcount == 0:
+                return  # already finished (or never admitted): the stored event stands
             conn.executemany(
                 "INSERT OR REPLACE INTO blobs (request_id, idx, data) VALUES (?, ?, ?)",
                 [(request_id, i, blob) for i, blob in enumerate(blobs)],

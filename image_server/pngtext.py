@@ -26,6 +26,12 @@ def insert_text(png: bytes, texts: Mapping[str, str]) -> bytes:
     """
     if not png.startswith(PNG_SIGNATURE) or png[12:16] != b"IHDR":
         raise ValueError("not a PNG stream")
-    ihdr_end = 8 + 8 + struct.unpack(">I", png[8:12])[0] + 4
+    # IHDR is always 13 bytes. Checking its length and CRC refuses a truncated or corrupt
+    # header here, instead of returning bytes with text added that no decoder can open.
+    ihdr_end = 8 + 8 + 13 + 4
+    if struct.unpack(">I", png[8:12])[0] != 13 or len(png) < ihdr_end:
+        raise ValueError("not a PNG stream: truncated or malformed IHDR chunk")
+    if zlib.crc32(png[12 : ihdr_end - 4]) & 0xFFFFFFFF != struct.unpack(">I", png[ihdr_end - 4 : ihdr_end])[0]:
+        raise ValueError("not a PNG stream: IHDR checksum mismatch")
     chunks = b"".join(itxt_chunk(key, text) for key, text in texts.items())
     return png[:ihdr_end] + chunks + png[ihdr_end:]

@@ -74,7 +74,8 @@ class Scheduler:
                 # Granted just as we were cancelled: give the slot back to the next waiter.
                 self._release(key)
             else:
-                self._waiting.remove(ticket)
+                if ticket in self._waiting:  # _dispatch may have dropped it already
+                    self._waiting.remove(ticket)
                 self._dispatch()
             raise
 
@@ -92,6 +93,11 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         for ticket in list(self._waiting):
+            if ticket.future.cancelled():
+                # Its task was cancelled but has not run yet to leave the queue: granting it
+                # would fail (InvalidStateError) and leak the slot.
+                self._waiting.remove(ticket)
+                continue
             if self._in_flight >= self.max_in_flight:
                 break
             if self._can_start(ticket.key, ticket.limit):

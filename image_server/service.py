@@ -27,6 +27,7 @@ from image_server.manager import GeneratorManager
 from image_server.outcomes import error_event
 from image_server.pipeline import Admission, RenderOutcome, RenderPipeline
 from image_server.publisher import EventPublisher
+from image_server.security import KeyPair, load_keypair, load_public_key, start_authenticator
 from image_server.sockets import bound_endpoint, open_socket
 from image_server.storage import OutputStore
 from schemas import (
@@ -63,6 +64,7 @@ class _Active:
     accepted: bool = False  # journaled and RenderAccepted published
     end_reason: ImageServerError | None = None
     last_progress: float = field(default=0.0)
+    started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
 
 
 class ImageService:
@@ -92,6 +94,7 @@ class ImageService:
         self.endpoints: dict[str, str] = {}
         self._active: dict[str, _Active] = {}
         self._channels: dict[str, str] = {}
+        self._per_client: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.AsyncExitStack()
         self._stopping = asyncio.Event()
@@ -108,12 +111,17 @@ class ImageService:
         stack = self._stack
         if self._own_context:
             stack.callback(self.context.destroy, 0)
-        self._requests = open_socket(self.context, self.config.sockets.requests, role="requests")
+        curve, server_key = self._curve_setup(stack)
+        self._requests = open_socket(
+            self.context, self.config.sockets.requests, role="requests", curve=curve, curve_server_key=server_key
+        )
         stack.callback(self._requests.close, 0)
         # Libzmq's own cap drops (with a disconnect) anything far over our limit before it is
         # buffered; messages between the two limits get a RenderError from _on_frames.
         self._requests.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.limits.max_message_bytes)
-        events = open_socket(self.context, self.config.sockets.events, role="events")
+        events = open_socket(
+            self.context, self.config.sockets.events, role="events", curve=curve, curve_server_key=server_key
+        )
         stack.callback(events.close, 0)
         for role, socket in (("requests", self._requests), ("events", events)):
             if getattr(self.config.sockets, role).bind:
@@ -143,6 +151,18 @@ class ImageService:
         if self.handle_signals:
             self._install_signal_handlers()
         logger.info("serving: %s", ", ".join(f"{k} {v}" for k, v in self.endpoints.items()) or "connected sockets")
+
+    def _curve_setup(self, stack: contextlib.AsyncExitStack) -> tuple[KeyPair | None, bytes | None]:
+        """Keys and a running ZAP authenticator when ``security.curve`` is on."""
+        security = self.config.security
+        if not security.curve:
+            return None, None
+        keys = load_keypair(security.secret_key)
+        server_key = load_public_key(security.server_public_key) if security.server_public_key else None
+        # The authenticator must be up before the sockets bind, or early clients go unchecked.
+        authenticator = start_authenticator(self.context, security.authorized_keys)
+        stack.callback(authenticator.stop)
+        return keys, server_key
 
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down cleanly."""
@@ -305,6 +325,12 @@ class ImageService:
             limits = self.config.limits
             if len(self._active) >= limits.max_in_flight + limits.max_queued:
                 raise Overloaded(f"service is at capacity ({len(self._active)} requests); try again later")
+            per_client = limits.max_in_flight_per_client
+            if per_client and self._per_client[request.reply_to or ""] >= per_client:
+                raise Overloaded(
+                    f"client {request.reply_to or '(no reply_to)'} already has {per_client} requests in flight; "
+                    "wait for some to finish"
+                )
         except ImageServerError as exc:
             self.counters["rejected"] += 1
             logger.info("! %s refused: %s", rid, exc.message)
@@ -313,11 +339,13 @@ class ImageService:
             )
             return
         active = _Active(request, admission.generator, time.perf_counter())
-        self._active[rid] = active
+        self._track(active)
         active.task = asyncio.create_task(self._admit_and_run(active, admission), name=f"render:{rid}")
 
     async def _admit_and_run(self, active: _Active, admission: Admission) -> None:
         """Journal the request, publish RenderAccepted, then render (or answer a repeat)."""
+        if await self._ended_before_start(active):
+            return
         request = active.request
         if self.journal is not None:
             try:
@@ -329,7 +357,7 @@ class ImageService:
                 return
             if recorded.admission is Recorded.FINISHED:
                 # A repeat of a finished request: the stored terminal event, same content.
-                del self._active[request.request_id]
+                self._untrack(active)
                 self.counters["repeated"] += 1
                 stored = MESSAGE_ADAPTER.validate_json(recorded.entry.terminal or "")
                 await self.publisher.publish(stored, reply_to=request.reply_to, blobs=recorded.blobs)
@@ -370,6 +398,7 @@ class ImageService:
                 in_flight=scheduler.running(name),
                 concurrency=self.manager.config(name).concurrency,
                 image_to_image=self.manager.is_image_to_image(name),
+                cooling_down_until=self._cooling_down_until(name),
             )
             for name in self.manager.available()
         ]
@@ -383,13 +412,42 @@ class ImageService:
             counters=dict(self.counters),
         )
 
+    def _cooling_down_until(self, name: str) -> float | None:
+        """When ``name``'s cool-down ends, as a wall-clock epoch (the tracker keeps monotonic time)."""
+        tracker = self.pipeline.cooldowns
+        until = tracker.cooling_until(name)
+        return None if until is None else time.time() + (until - tracker.clock())
+
+    def _track(self, active: _Active) -> None:
+        self._active[active.request.request_id] = active
+        self._per_client[active.request.reply_to or ""] += 1
+
+    def _untrack(self, active: _Active) -> None:
+        if self._active.pop(active.request.request_id, None) is not None:
+            key = active.request.reply_to or ""
+            self._per_client[key] -= 1
+            if self._per_client[key] <= 0:
+                del self._per_client[key]
+
     # -- ending requests early --------------------------------------------------------
 
     def _end(self, active: _Active, reason: ImageServerError) -> None:
         """Cancel a request's task; the task itself publishes ``reason`` as its terminal event."""
         if active.end_reason is None and active.task is not None:
             active.end_reason = reason
-            active.task.cancel()
+            # A task cancelled before its first step never runs its handlers and the request
+            # would vanish (a CancelRequest right behind its RenderRequest does that); a task
+            # that has not started finds end_reason when it does.
+            if active.started:
+                active.task.cancel()
+
+    async def _ended_before_start(self, active: _Active) -> bool:
+        """Mark the task started; if the request was ended before that, publish its end."""
+        active.started = True
+        if active.end_reason is None:
+            return False
+        await self._publish_terminal(active, error_event(active.end_reason, active.request, generator=active.generator))
+        return True
 
     def _supersede_channel(self, request: RenderRequest) -> None:
         assert request.channel is not None
@@ -412,7 +470,9 @@ class ImageService:
         request = active.request
         blobs: list[bytes] = []
         try:
-            self._progress(active, "queued", None, None, self.manager.scheduler.position(request.request_id))
+            # The request joins the scheduler's queue when pipeline.run asks for a slot, that
+            # is when this task first yields: report its place then, if it really waits.
+            asyncio.get_running_loop().call_soon(self._report_queued, active)
             outcome: RenderOutcome = await self.pipeline.run(
                 request,
                 admission,
@@ -433,6 +493,11 @@ class ImageService:
             logger.exception("! %s failed unexpectedly", request.request_id)
             event = error_event(exc, request, generator=active.generator)
         await asyncio.shield(self._publish_terminal(active, event, blobs))
+
+    def _report_queued(self, active: _Active) -> None:
+        position = self.manager.scheduler.position(active.request.request_id)
+        if position is not None and active.end_reason is None:
+            self._progress(active, "queued", None, None, position)
 
     def _progress(
         self, active: _Active, stage: str, fraction: float | None, message: str | None, position: int | None
@@ -458,7 +523,7 @@ class ImageService:
         """Journal the terminal event, then publish it: exactly one per accepted request."""
         request = active.request
         rid = request.request_id
-        self._active.pop(rid, None)
+        self._untrack(active)
         if request.channel and self._channels.get(request.channel) == rid:
             del self._channels[request.channel]
         if isinstance(event, ImageReady):
@@ -485,7 +550,7 @@ class ImageService:
         for entry in await self.journal.unfinished():
             request = RenderRequest.model_validate_json(entry.request_json)
             active = _Active(request, entry.generator, time.perf_counter(), accepted=True)
-            self._active[request.request_id] = active
+            self._track(active)
             try:
                 admission = self.pipeline.admit(request)
             except ImageServerError as exc:  # e.g. the generator was removed from the config
@@ -498,6 +563,8 @@ class ImageService:
             active.task = asyncio.create_task(self._resume_one(active, admission), name=f"render:{request.request_id}")
 
     async def _resume_one(self, active: _Active, admission: Admission) -> None:
+        if await self._ended_before_start(active):
+            return
         await self._publish_accepted(active)
         await self._run(active, admission)
 

@@ -69,7 +69,7 @@ class OutputStore:
         """Encode and deliver every image as the request's ``delivery`` says."""
         texts = {"parameters": json.dumps(dict(parameters), default=str), "prompt": request.prompt}
         folder = self.output_dir / _safe_component(project, "project") / _safe_component(generator, "generator")
-        folder = folder / (now or datetime.now(UTC)).strftime("%Y%m%d")
+        folder = folder / (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d")
         stored: list[StoredImage] = []
         for index, image in enumerate(images):
             if request.delivery == "url" and image.url is not None and image.data is None and image.image is None:
@@ -91,7 +91,9 @@ class OutputStore:
                 frame = sum(1 for item in stored if item.blob is not None)
                 stored.append(StoredImage(OutputImage(frame=frame, **common), blob=encoded.data))
             else:
-                name = f"{_safe_component(request.request_id, 'request id')}_{index}.{EXTENSIONS[fmt]}"
+                # The wire allows ids such as "." or ".x": never a hidden file, nor a failure after rendering.
+                stem = "_" + request.request_id if request.request_id.startswith(".") else request.request_id
+                name = f"{_safe_component(stem, 'request id')}_{index}.{EXTENSIONS[fmt]}"
                 path = write_atomic(folder / name, encoded.data)
                 stored.append(StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common)))
         return stored

@@ -7,7 +7,8 @@ into ``image_server.errors`` at the strategy's own boundary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -140,15 +141,25 @@ class HealthReport:
 class Generator:
     """Base class of every strategy; use as ``async with generator:``.
 
-    Subclasses set ``strategy`` and ``config_model`` and override ``generate()``.
+    Subclasses set ``strategy`` and ``config_model`` and override ``generate()``. ``environ``
+    is where keys are read from (``os.environ`` unless given, e.g. by tests or an embedding
+    application); strategies read it in ``open()``, never at import or construction time.
     """
 
     strategy: ClassVar[str] = ""
     config_model: ClassVar[type[GeneratorConfig]] = GeneratorConfig
 
-    def __init__(self, config: GeneratorConfig, *, name: str | None = None) -> None:
+    def __init__(
+        self, config: GeneratorConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> None:
+        # A strategy handed another strategy's table would fail later on a missing field, or worse,
+        # run with defaults where the user's values were meant: refuse it here.
+        expected = type(self).config_model
+        if not isinstance(config, expected):
+            raise TypeError(f"{type(self).__name__} needs a {expected.__name__}, not {type(config).__name__}")
         self.config = config
         self.name = name or self.strategy
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
 
     @property
     def capabilities(self) -> Capabilities:

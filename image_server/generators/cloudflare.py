@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -106,17 +104,10 @@ class CloudflareGenerator(Generator):
     strategy: ClassVar[str] = "cloudflare"
     config_model: ClassVar[type[GeneratorConfig]] = CloudflareConfig
     config: CloudflareConfig
-
-    def __init__(
-        self, config: GeneratorConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None
-    ) -> None:
-        if not isinstance(config, CloudflareConfig):
-            raise TypeError(f"CloudflareGenerator needs a CloudflareConfig, not {type(config).__name__}")
-        super().__init__(config, name=name)
-        self._environ = os.environ if environ is None else environ
-        self._client: httpx.AsyncClient | None = None
-        self._token = ""
-        self._account_id = ""
+    # Set by open(); the base constructor checks the config and keeps ``environ``.
+    _client: httpx.AsyncClient | None = None
+    _token = ""
+    _account_id = ""
 
     @property
     def capabilities(self) -> Capabilities:
@@ -206,8 +197,8 @@ class CloudflareGenerator(Generator):
         return HealthReport(ok=True, detail=f"{self.name}: token accepted and model {model} is available")
 
     def _read_credentials(self) -> tuple[str, str]:
-        account_id = read_api_key(self.config.account_id_env, generator=self.name, environ=self._environ)
-        token = read_api_key(self.config.api_token_env, generator=self.name, environ=self._environ)
+        account_id = read_api_key(self.config.account_id_env, generator=self.name, environ=self.environ)
+        token = read_api_key(self.config.api_token_env, generator=self.name, environ=self.environ)
         if not ACCOUNT_ID_PATTERN.match(account_id.get_secret_value()):
             raise GeneratorUnavailable(
                 f"{self.name}: the account id in {self.config.account_id_env} is not a Cloudflare account id",

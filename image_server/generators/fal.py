@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -66,12 +65,13 @@ class FalGenerator(Generator):
     config_model: ClassVar[type[FalConfig]] = FalConfig
     config: FalConfig
 
+    # Set by open(); the base constructor checks the config and keeps ``environ``.
+    _key = ""
+    _client: fal_client.AsyncClient | None = None
+    _http: httpx.AsyncClient | None = None
+
     def __init__(self, config: FalConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None) -> None:
-        super().__init__(config, name=name)
-        self._environ = os.environ if environ is None else environ
-        self._key = ""
-        self._client: fal_client.AsyncClient | None = None
-        self._http: httpx.AsyncClient | None = None
+        super().__init__(config, name=name, environ=environ)
         # Remote cancels still running when the request task has moved on; closed in aclose().
         self._cancels: set[asyncio.Task[None]] = set()
 
@@ -84,7 +84,7 @@ class FalGenerator(Generator):
         if self._client is not None:
             return
         fal = _import_fal_client()
-        self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self._environ).get_secret_value()
+        self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self.environ).get_secret_value()
         self._client = fal.AsyncClient(key=self._key, default_timeout=self.config.request_timeout_s)
         self._http = httpx.AsyncClient(timeout=self.config.download_timeout_s, follow_redirects=True)
 
@@ -124,13 +124,13 @@ class FalGenerator(Generator):
         """fal has no authenticated no-op. ``storage_token`` asks fal's storage for an upload token
         (free, authenticated, no side effect beyond the token); ``key`` only checks the key is set."""
         env = self.config.api_key_env
-        if not self._environ.get(env, "").strip():
+        if not self.environ.get(env, "").strip():
             return HealthReport(ok=False, detail=f"no API key in the environment variable {env}")
         if self.config.health_check == "key":
             return HealthReport(
                 ok=True, detail=f"API key present in {env}; not verified (fal.ai has no authenticated no-op)"
             )
-        key = self._environ[env].strip()
+        key = self.environ[env].strip()
         try:
             fal = _import_fal_client()
         except GeneratorUnavailable as exc:

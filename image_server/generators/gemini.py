@@ -11,9 +11,8 @@ import base64
 import json
 import logging
 import math
-import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, ClassVar, Literal, get_args
 
@@ -181,16 +180,9 @@ class GeminiGenerator(Generator):
     strategy: ClassVar[str] = "gemini"
     config_model: ClassVar[type[GeneratorConfig]] = GeminiConfig
     config: GeminiConfig
-
-    def __init__(
-        self, config: GeneratorConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None
-    ) -> None:
-        if not isinstance(config, GeminiConfig):
-            raise TypeError(f"GeminiGenerator needs a GeminiConfig, not {type(config).__name__}")
-        super().__init__(config, name=name)
-        self._environ = os.environ if environ is None else environ
-        self._client: httpx.AsyncClient | None = None
-        self._key = ""
+    # Set by open(); the base constructor checks the config and keeps ``environ``.
+    _client: httpx.AsyncClient | None = None
+    _key = ""
 
     @property
     def capabilities(self) -> Capabilities:
@@ -205,7 +197,7 @@ class GeminiGenerator(Generator):
         """Read the key (``GeneratorUnavailable`` if unset) and open the HTTP client."""
         if self._client is not None:
             return
-        self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self._environ).get_secret_value()
+        self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self.environ).get_secret_value()
         timeout = httpx.Timeout(self.config.request_timeout_s or self.config.timeout_s)
         self._client = httpx.AsyncClient(base_url=self.config.base_url, timeout=timeout)
 
@@ -252,7 +244,7 @@ class GeminiGenerator(Generator):
         """``GET models/{model}``: checks reachability, the key and that the model exists."""
         if self._client is None:
             try:
-                read_api_key(self.config.api_key_env, generator=self.name, environ=self._environ)
+                read_api_key(self.config.api_key_env, generator=self.name, environ=self.environ)
             except GeneratorError as exc:
                 return HealthReport(ok=False, detail=str(exc))
             return HealthReport(ok=False, detail=f"{self.name}: generator is not open")

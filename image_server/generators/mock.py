@@ -11,14 +11,14 @@ import asyncio
 import inspect
 import io
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from image_server.errors import ConfigError, GenerationFailed, InvalidRequest
+from image_server.errors import ConfigError, GenerationFailed
 from image_server.generators.base import (
     Capabilities,
     GeneratedImage,
@@ -59,10 +59,15 @@ class MockGenerator(Generator):
 
     config: MockConfig
 
-    def __init__(self, config: GeneratorConfig, *, name: str | None = None, handler: MockHandler | None = None) -> None:
-        if not isinstance(config, MockConfig):
-            raise TypeError(f"MockGenerator needs a MockConfig, not {type(config).__name__}")
-        super().__init__(config, name=name)
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        *,
+        name: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        handler: MockHandler | None = None,
+    ) -> None:
+        super().__init__(config, name=name, environ=environ)
         self._handler = handler
         self._folder_images: list[Path] | None = None
 
@@ -94,7 +99,9 @@ class MockGenerator(Generator):
                 scripted = await scripted
             if scripted is not None:
                 return scripted
-        config = self._effective_config(job)
+        # The manager hands each request an instance whose config already has the request's
+        # generator_config applied (and refused what MockConfig.OVERRIDABLE does not allow).
+        config = self.config
         if config.delay_s > 0:
             await asyncio.sleep(config.delay_s)
         request = job.request
@@ -116,26 +123,6 @@ class MockGenerator(Generator):
         if job.references:
             applied["strength"] = strength
         return GenerationResult(images=images, prompt=request.prompt, applied=applied)
-
-    def _effective_config(self, job: RenderJob) -> MockConfig:
-        """The config with the job's ``generator_config`` overrides applied (refusing the rest)."""
-        if not job.overrides:
-            return self.config
-        refused = sorted(set(job.overrides) - MockConfig.OVERRIDABLE)
-        if refused:
-            raise InvalidRequest(
-                f"generator_config may not change {', '.join(refused)} for {self.name!r}",
-                request_id=job.request.request_id,
-                generator=self.name,
-            )
-        try:
-            return MockConfig.model_validate({**self.config.model_dump(), **job.overrides})
-        except ValidationError as exc:
-            raise InvalidRequest(
-                f"invalid generator_config for {self.name!r}: {exc.errors(include_url=False)[0]['msg']}",
-                request_id=job.request.request_id,
-                generator=self.name,
-            ) from exc
 
     def _render_all(self, job: RenderJob, seed: int, style: Style, strength: float) -> list[GeneratedImage]:
         """Blocking: draw (or load) every image of the request."""

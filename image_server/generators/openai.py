@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -118,17 +117,10 @@ class OpenAIGenerator(Generator):
     strategy: ClassVar[str] = "openai"
     config_model: ClassVar[type[GeneratorConfig]] = OpenAIConfig
     config: OpenAIConfig
-
-    def __init__(
-        self, config: GeneratorConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None
-    ) -> None:
-        if not isinstance(config, OpenAIConfig):
-            raise TypeError(f"OpenAIGenerator needs an OpenAIConfig, not {type(config).__name__}")
-        super().__init__(config, name=name)
-        self._environ = os.environ if environ is None else environ
-        self._client: httpx.AsyncClient | None = None
-        self._key: SecretStr | None = None
-        self._extra_headers: dict[str, str] = {}
+    # Set by open(); the base constructor checks the config and keeps ``environ``.
+    _client: httpx.AsyncClient | None = None
+    _key: SecretStr | None = None
+    _extra_headers: Mapping[str, str] = {}
 
     @property
     def capabilities(self) -> Capabilities:
@@ -146,19 +138,21 @@ class OpenAIGenerator(Generator):
         """Read the key (and optional organization / project ids) and create the HTTP client."""
         if self._client is not None:
             return
-        self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self._environ)
+        self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self.environ)
+        extra_headers: dict[str, str] = {}
         for header, env_var in (
             ("OpenAI-Organization", self.config.organization_env),
             ("OpenAI-Project", self.config.project_env),
         ):
             if env_var:
-                value = self._environ.get(env_var, "").strip()
+                value = self.environ.get(env_var, "").strip()
                 if not value:
                     raise GeneratorUnavailable(
                         f"generator {self.name!r} names {env_var} for its {header} header, but it is not set",
                         generator=self.name,
                     )
-                self._extra_headers[header] = value
+                extra_headers[header] = value
+        self._extra_headers = extra_headers
         seconds = self.config.request_timeout_s or self.config.timeout_s
         timeout = httpx.Timeout(seconds, connect=min(10.0, seconds))
         # Auth headers go on each API call, not on the client: result URLs live on other hosts.

@@ -1,0 +1,181 @@
+"""Journal: admission states, terminal records with blobs, resume list, pruning, group
+commit on the writer thread, cancellation, WAL mode and the read-only reader."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from image_server.journal import JOURNAL_FILE, Admission, Journal, connect, decode_request_json, recent_entries
+from schemas import RenderRequest
+
+
+def request_json(request_id: str, **fields: object) -> str:
+    return RenderRequest(request_id=request_id, prompt="p", **fields).model_dump_json()
+
+
+async def test_admit_new_then_in_flight_then_finished_with_blobs(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        first = await journal.admit("j-1", "mock", request_json("j-1", seed=7))
+        assert first.admission is Admission.NEW and first.blobs == []
+        assert first.entry.generator == "mock" and first.entry.finished_at is None
+        assert decode_request_json(first.entry)["seed"] == 7
+
+        again = await journal.admit("j-1", "other", request_json("j-1", seed=8))
+        assert again.admission is Admission.IN_FLIGHT
+        # The first recording wins: a repeat never rewrites what was accepted.
+        assert again.entry.generator == "mock" and again.entry.accepted_at == first.entry.accepted_at
+        assert decode_request_json(again.entry)["seed"] == 7
+
+        await journal.finish("j-1", "ImageReady", None, '{"type": "ImageReady"}', [b"\x89PNG one", b"two"], 12.5)
+        done = await journal.admit("j-1", "mock", request_json("j-1"))
+    assert done.admission is Admission.FINISHED
+    assert done.blobs == [b"\x89PNG one", b"two"]
+    assert done.entry.outcome == "ImageReady" and done.entry.terminal == '{"type": "ImageReady"}'
+    assert done.entry.total_ms == 12.5 and done.entry.finished_at is not None
+    assert done.entry.finished_at >= done.entry.accepted_at
+
+
+async def test_unfinished_lists_only_open_entries_oldest_first_and_survives_reopening(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        for rid in ("u-1", "u-2", "u-3", "u-4"):
+            await journal.admit(rid, "mock", request_json(rid))
+        await journal.finish("u-2", "RenderError", "cancelled", '{"type": "RenderError"}')
+    async with Journal(tmp_path) as reopened:
+        unfinished = await reopened.unfinished()
+        finished = await reopened.admit("u-2", "mock", request_json("u-2"))
+    assert [entry.request_id for entry in unfinished] == ["u-1", "u-3", "u-4"]
+    assert finished.admission is Admission.FINISHED and finished.entry.code == "cancelled"
+
+
+async def test_prune_removes_finished_entries_and_blobs_past_retention_only(tmp_path: Path):
+    async with Journal(tmp_path, retention_s=100) as journal:
+        for rid in ("old-1", "old-2", "open-1"):
+            await journal.admit(rid, "mock", request_json(rid))
+        for rid in ("old-1", "old-2"):
+            await journal.finish(rid, "ImageReady", None, "{}", [b"blob-" + rid.encode()])
+        now = time.time()
+        assert await journal.prune(now=now + 50) == 0  # finished, but younger than the retention
+        assert await journal.prune(now=now + 200) == 2
+        assert await journal.prune(now=now + 200) == 0
+        unfinished = await journal.unfinished()
+        gone = await journal.admit("old-1", "mock", request_json("old-1"))
+    # An unfinished entry is never pruned, however old: it is still owed a terminal event.
+    assert [entry.request_id for entry in unfinished] == ["open-1"]
+    assert gone.admission is Admission.NEW  # pruned: a repeat is a new request again
+    reader = connect(tmp_path / JOURNAL_FILE, readonly=True)
+    try:
+        assert reader.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+    finally:
+        reader.close()
+
+
+async def test_concurrent_admits_share_commits(tmp_path: Path):
+    """Operations queued while the writer is busy go into one transaction (group commit).
+
+    Another connection holds the write lock, so the writer is stuck in BEGIN while a burst
+    of admits queues up behind it; once the lock goes, the burst commits in one batch."""
+    count = 100
+    async with Journal(tmp_path) as journal:
+        await journal.admit("warm-up", "mock", request_json("warm-up"))
+        commits_before = journal.commits
+        blocker = connect(journal.path)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            tasks = [asyncio.create_task(journal.admit(f"g-{i}", "mock", request_json(f"g-{i}"))) for i in range(count)]
+            await asyncio.sleep(0)  # let every task put its operation on the writer's queue
+            assert not any(task.done() for task in tasks)  # the writer is waiting for the lock
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        async with asyncio.timeout(10):
+            results = await asyncio.gather(*tasks)
+        commits = journal.commits - commits_before
+        unfinished = await journal.unfinished()
+    assert all(result.admission is Admission.NEW for result in results)
+    assert len(unfinished) == count + 1
+    # The first op may have been taken alone before the burst; the rest share one commit.
+    assert 1 <= commits <= 2, commits
+
+
+async def test_many_concurrent_admits_commit_fewer_times_than_operations(tmp_path: Path):
+    count = 300
+    async with Journal(tmp_path) as journal:
+        before = journal.commits
+        async with asyncio.timeout(10):
+            await asyncio.gather(*(journal.admit(f"c-{i}", "mock", request_json(f"c-{i}")) for i in range(count)))
+        commits = journal.commits - before
+    assert 1 <= commits < count, commits
+
+
+async def test_a_cancelled_caller_does_not_break_the_writer(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        blocker = connect(journal.path)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            first = asyncio.create_task(journal.admit("x-1", "mock", request_json("x-1")))
+            cancelled = asyncio.create_task(journal.admit("x-2", "mock", request_json("x-2")))
+            third = asyncio.create_task(journal.admit("x-3", "mock", request_json("x-3")))
+            await asyncio.sleep(0)  # all three queued behind the lock
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        async with asyncio.timeout(10):
+            assert (await first).admission is Admission.NEW
+            assert (await third).admission is Admission.NEW
+            later = await journal.admit("x-4", "mock", request_json("x-4"))
+            listed = [entry.request_id for entry in await journal.unfinished()]
+    assert later.admission is Admission.NEW
+    assert "x-1" in listed and "x-3" in listed and "x-4" in listed
+    # x-2 was either skipped (cancelled before it ran) or recorded (already running): never half-done.
+    assert listed in (["x-1", "x-3", "x-4"], ["x-1", "x-2", "x-3", "x-4"])
+
+
+async def test_a_failing_operation_is_rolled_back_alone(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        await journal.admit("ok-1", "mock", request_json("ok-1"))
+        with pytest.raises(sqlite3.IntegrityError):
+            # A NULL generator violates the schema: that op fails, the journal goes on.
+            await journal.admit("bad-1", None, request_json("bad-1"))  # type: ignore[arg-type]
+        after = await journal.admit("ok-2", "mock", request_json("ok-2"))
+        listed = [entry.request_id for entry in await journal.unfinished()]
+    assert after.admission is Admission.NEW and listed == ["ok-1", "ok-2"]
+
+
+async def test_wal_mode_and_read_only_reader_while_the_writer_is_open(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        for index in range(3):
+            await journal.admit(f"r-{index}", f"gen-{index}", request_json(f"r-{index}"))
+        await journal.finish("r-1", "ImageReady", None, "{}", total_ms=5.0)
+        assert (tmp_path / (JOURNAL_FILE + "-wal")).exists()
+        entries = await asyncio.to_thread(recent_entries, tmp_path, limit=2)
+        reader = await asyncio.to_thread(connect, journal.path, readonly=True)
+        try:
+            assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                reader.execute("DELETE FROM requests")
+        finally:
+            reader.close()
+        # The writer carries on after (and despite) the reader.
+        assert (await journal.admit("r-3", "mock", request_json("r-3"))).admission is Admission.NEW
+    assert [entry.request_id for entry in entries] == ["r-2", "r-1"]  # newest first, limited
+    assert entries[1].outcome == "ImageReady" and entries[1].total_ms == 5.0
+    assert [entry.request_id for entry in recent_entries(tmp_path)] == ["r-3", "r-2", "r-1", "r-0"]
+    assert recent_entries(tmp_path / "nowhere") == []
+
+
+async def test_closed_journal_refuses_work(tmp_path: Path):
+    journal = Journal(tmp_path)
+    with pytest.raises(RuntimeError, match="not open"):
+        await journal.admit("n-1", "mock", request_json("n-1"))
+    async with journal:
+        await journal.admit("n-1", "mock", request_json("n-1"))
+    with pytest.raises(RuntimeError, match="not open"):
+        await journal.unfinished()
