@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from image_server.config import env_overrides, load_config
+from image_server.config import build_config, env_overrides, load_config
 from image_server.errors import ConfigError
+from image_server.generators.fal_spec import KNOWN_ENDPOINTS
+from image_server.generators.registry import get_generator_class
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,3 +82,106 @@ def test_errors_name_file_and_key(tmp_path, text, expected):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+# -- the commented-out generator examples in config.toml ------------------------------------------
+
+EXAMPLE_BEGIN, EXAMPLE_END = "# >>> example", "# <<< example"
+EXAMPLE_NAMES = {
+    "falai",
+    "falai_flux",
+    "falai_lightning_i2i",
+    "falai_flux_i2i",
+    "openai",
+    "dalle3",
+    "gemini",
+    "cloudflare",
+}
+SHIPPED = (REPO / "config.toml").read_text()
+
+
+def uncomment_examples(text: str, *, only: int | None = None, optional: bool = False) -> str:
+    """``text`` with the example blocks (all, or block ``only``) uncommented: "# " is stripped from
+    each line; "## " prose stays a comment, and so do "# # " optional knobs unless ``optional``."""
+    lines, block = [], -1
+    inside = False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.startswith(EXAMPLE_BEGIN):
+            assert not inside, f"config.toml:{number}: an example starts inside another"
+            inside, block = True, block + 1
+        elif line.startswith(EXAMPLE_END):
+            assert inside, f"config.toml:{number}: an example ends that never started"
+            inside = False
+        elif inside:
+            # A line that is not a comment inside a block would be live config in the shipped file.
+            assert line.startswith("#"), f"config.toml:{number}: example line is not commented out: {line!r}"
+            if only is None or only == block:
+                if optional and line.startswith("# # "):
+                    line = line[2:]
+                line = line[2:] if line.startswith("# ") else line.removeprefix("#")
+        lines.append(line)
+    assert not inside, "config.toml: the last example never ends"
+    return "\n".join(lines)
+
+
+def example_count() -> int:
+    return sum(line.startswith(EXAMPLE_BEGIN) for line in SHIPPED.splitlines())
+
+
+def test_examples_stay_comments_in_the_shipped_config():
+    assert example_count() == 4  # fal, openai, gemini, cloudflare
+    shipped = load_config(REPO / "config.toml", environ={})
+    assert not EXAMPLE_NAMES & set(shipped.generators)
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["as-shipped", "with-optional-knobs"])
+def test_all_examples_uncommented_validate(optional):
+    data = tomllib.loads(uncomment_examples(SHIPPED, optional=optional))
+    config = build_config(data, source="config.toml with its examples uncommented")
+    generators = config.generators
+    assert set(generators) == EXAMPLE_NAMES | {"mock"}
+    by_strategy: dict[str, set[str]] = {}
+    for name, table in generators.items():
+        by_strategy.setdefault(table.strategy, set()).add(name)
+        assert set(table.fallbacks) <= set(generators), f"{name} falls back to an unconfigured generator"
+        # No secrets in the file: every *_env field names a variable, never holds a key.
+        for field, value in table.model_dump().items():
+            if field.endswith("_env") and value is not None:
+                assert re.fullmatch(r"[A-Z][A-Z0-9_]*", value), f"{name}.{field} = {value!r}"
+    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare"}
+    assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
+    assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-1", "dall-e-3"}
+    # Each builds a generator (no key needed before open()) whose capabilities fit its name.
+    built = {
+        name: get_generator_class(table.strategy)(table, name=name, environ={}) for name, table in generators.items()
+    }
+    i2i = {name for name, generator in built.items() if generator.capabilities.image_to_image}
+    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "gemini"}
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_each_example_validates_on_its_own(block):
+    data = tomllib.loads(uncomment_examples(SHIPPED, only=block))
+    added = set(build_config(data).generators) - {"mock"}
+    assert added and added <= EXAMPLE_NAMES
+
+
+def test_a_broken_example_is_caught(tmp_path):
+    """The check is not vacuous: a typo in an example fails validation."""
+    broken = SHIPPED.replace('# quality = "hd"', '# quality = "ultra"', 1)
+    assert broken != SHIPPED
+    with pytest.raises(ConfigError, match="quality"):
+        build_config(tomllib.loads(uncomment_examples(broken)))
+
+
+def test_a_strategy_refuses_another_strategys_table():
+    """The base constructor checks the table's model, so a mix-up fails loudly, not with defaults."""
+    tables = build_config(tomllib.loads(uncomment_examples(SHIPPED))).generators
+    one_each = {table.strategy: table for table in tables.values()}
+    for strategy, table in one_each.items():
+        cls = get_generator_class(strategy)
+        assert cls(table).environ is os.environ  # keys come from the process environment by default
+        for other in one_each.values():
+            if other.strategy != strategy:
+                with pytest.raises(TypeError, match=f"{cls.__name__} needs a {type(table).__name__}"):
+                    cls(other)

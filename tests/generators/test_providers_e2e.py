@@ -1,0 +1,311 @@
+"""Each cloud strategy end to end: RenderClient -> real ZMQ sockets -> ImageService -> strategy -> fake provider.
+
+The strategies are built by the manager's ``factory`` with a test ``environ`` holding planted keys;
+every test also checks that no planted key reaches any published event (seen by a catch-all SUB)
+or any log record (DEBUG and up, third-party loggers included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from image_server.client import RenderFailed, RenderResult
+from image_server.generators.base import Generator, GeneratorConfig
+from image_server.generators.registry import get_generator_class
+from schemas import ImageReady, ImageSource, RenderError, RenderProgress, decode_frames
+from tests.fakes.cloudflare import FakeCloudflare
+from tests.fakes.fal import FakeError, FalScenario, serve_fal
+from tests.fakes.gemini import FakeGemini
+from tests.fakes.openai import fake_openai, moderation_blocked, rate_limited
+
+DEADLINE = 10.0
+FAL_KEY = "planted-fal-key-id:planted-fal-secret-e2e"  # fal keys are "key_id:key_secret"
+OPENAI_KEY = "sk-planted-openai-e2e-0123456789"
+GEMINI_KEY = "planted-gemini-key-e2e-0123456789"
+CF_TOKEN = "planted-cloudflare-token-e2e"
+CF_ACCOUNT = "plantedaccount0123456789abcdef"
+MUTED_LOGGERS = ("httpx", "httpcore")  # below WARNING, by image_server.cli's logging setup
+
+
+@dataclass
+class Served:
+    """A running fake provider and the generator table and environment that point at it."""
+
+    name: str
+    table: dict[str, Any]
+    environ: dict[str, str]
+    secrets: tuple[str, ...]  # may appear in no event and no log record at all
+    fake: Any
+    # Not credentials, but kept out of messages all the same; httpx logs request URLs (with the
+    # account id in the path) at INFO, which image_server.cli mutes (httpx and httpcore at WARNING).
+    identifiers: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def serve(provider: str, **table: Any) -> Iterator[Served]:
+    """Start ``provider``'s fake; ``table`` adds to (or replaces) the generator's config fields."""
+    base: dict[str, Any] = {"retries": 0, "timeout_s": DEADLINE}
+    if provider == "fal":
+        with serve_fal(FalScenario(key=FAL_KEY)) as fake:  # also aims the real fal-client at the fake
+            fields = {"strategy": "fal", "endpoint": "fal-ai/fast-lightning-sdxl", "poll_interval_s": 0.01}
+            yield Served("falai", base | fields | table, {"FAL_KEY": FAL_KEY}, (FAL_KEY, *FAL_KEY.split(":")), fake)
+    elif provider == "openai":
+        with fake_openai(api_key=OPENAI_KEY) as fake:
+            fields = {"strategy": "openai", "model": "gpt-image-1", "base_url": fake.base_url}
+            yield Served("openai", base | fields | table, {"OPENAI_API_KEY": OPENAI_KEY}, (OPENAI_KEY,), fake)
+    elif provider == "gemini":
+        with FakeGemini(api_key=GEMINI_KEY) as fake:
+            fields = {"strategy": "gemini", "base_url": fake.url}
+            yield Served("gemini", base | fields | table, fake.environ, (GEMINI_KEY,), fake)
+    else:
+        with FakeCloudflare(api_token=CF_TOKEN, account_id=CF_ACCOUNT) as fake:
+            fields = {"strategy": "cloudflare", "base_url": fake.base_url}
+            yield Served("cloudflare", base | fields | table, fake.environ, (CF_TOKEN,), fake, (CF_ACCOUNT,))
+
+
+def factory_with(environ: dict[str, str]) -> Callable[[str, GeneratorConfig], Generator]:
+    """The manager's factory, but each strategy reads its keys from ``environ``, not os.environ."""
+
+    def factory(name: str, config: GeneratorConfig) -> Generator:
+        return get_generator_class(config.strategy)(config, name=name, environ=environ)
+
+    return factory
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    result: RenderResult | None = None
+    error: RenderError | None = None
+    progress: list[RenderProgress] = field(default_factory=list)  # as the client received them
+    tapped: list[Any] = field(default_factory=list)  # every event the catch-all SUB decoded
+
+    @property
+    def ready(self) -> ImageReady:
+        assert self.result is not None, f"expected ImageReady, got {self.error!r}"
+        return self.result.event
+
+
+@pytest.fixture
+def through_service(service_factory, client_for, raw_peer, caplog):
+    """``await through_service(served, **request_fields)``: one render through the service's sockets."""
+    caplog.set_level(logging.DEBUG)
+
+    async def run(served: Served, request_id: str = "e2e-1", **fields: Any) -> Outcome:
+        outcome = Outcome(request_id)
+        raw: list[list[bytes]] = []
+        generators = {served.name: served.table}
+        factory = factory_with(served.environ)
+        async with service_factory(generators=generators, default_generator=served.name, factory=factory) as service:
+            peer = await raw_peer(service)
+            terminal = asyncio.get_running_loop().create_future()
+
+            async def tap() -> None:
+                while True:
+                    frames = await peer.sub.recv_multipart()
+                    raw.append(frames)
+                    message = decode_frames(frames).message
+                    outcome.tapped.append(message)
+                    is_terminal = isinstance(message, ImageReady | RenderError)
+                    if is_terminal and message.request_id == request_id and not terminal.done():
+                        terminal.set_result(message)
+
+            def on_event(event: Any) -> None:
+                if isinstance(event, RenderProgress):
+                    outcome.progress.append(event)
+
+            tapping = asyncio.create_task(tap())
+            try:
+                async with client_for(service, on_event=on_event) as client:
+                    try:
+                        outcome.result = await client.render(
+                            request_id=request_id, generator=served.name, timeout=DEADLINE, **fields
+                        )
+                    except RenderFailed as exc:
+                        outcome.error = exc.event
+                async with asyncio.timeout(DEADLINE):  # the tap has seen everything up to the terminal event
+                    await terminal
+            finally:
+                tapping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tapping
+        # After shutdown, so the closing log lines are checked too.
+        assert request_id in caplog.text, "the service logged nothing about the request: the log check is void"
+        wire, logs = b"".join(b"".join(frames) for frames in raw), caplog.text
+        for secret in served.secrets + served.identifiers:
+            assert secret.encode() not in wire, f"a planted secret was published: {secret!r}"
+        for secret in served.secrets:
+            assert secret not in logs, f"a planted secret was logged: {secret!r}"
+        shown = [r for r in caplog.records if r.levelno >= logging.WARNING or not r.name.startswith(MUTED_LOGGERS)]
+        for identifier in served.identifiers:
+            assert not [r for r in shown if identifier in caplog.handler.format(r)], f"{identifier!r} was logged"
+        return outcome
+
+    return run
+
+
+def assert_stored_image(event: ImageReady) -> Image.Image:
+    """The first image is a real, decodable file whose hash and size the event reports."""
+    image = event.images[0]
+    path = Path(image.path or "")
+    assert path.is_file() and image.uri == path.as_uri()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == image.sha256
+    with Image.open(path) as opened:
+        opened.load()
+        assert (opened.width, opened.height) == (image.width, image.height)
+        assert (opened.format or "").lower() == image.format
+        return opened.copy()
+
+
+def png_data_uri(side: int = 32) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 200, 30)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+# -- success, one per provider ------------------------------------------------------------------------
+
+
+async def test_fal_text_to_image_with_progress(through_service):
+    # Polls are >= 30 ms apart, so IN_PROGRESS (the sixth poll) comes >= 150 ms after anything the
+    # service published before it: past its 100 ms progress throttle, so it is always published.
+    statuses = [("IN_QUEUE", 0)] * 5 + [("IN_PROGRESS", None), ("COMPLETED", None)]
+    with serve("fal", poll_interval_s=0.03) as served:
+        served.fake.scenario.statuses = statuses
+        outcome = await through_service(served, prompt="a red fox", seed=7, steps=3, negative_prompt="blur")
+        (job,) = served.fake.jobs.values()
+    event = outcome.ready
+    assert event.generator == "falai" and event.attempts == 1
+    assert_stored_image(event)
+    assert job.arguments["seed"] == 7 and job.arguments["num_inference_steps"] == "4"
+    assert event.applied["seed"] == 7 and event.applied["steps"] == 4
+    assert event.applied["endpoint"] == "fal-ai/fast-lightning-sdxl"
+    assert event.ignored == ["negative_prompt"]  # fast-lightning-sdxl has no negative prompt
+    generating = [p for p in outcome.progress if p.stage == "generating"]
+    assert "generating" in [p.message for p in generating], outcome.progress
+    assert all(p.generator == "falai" for p in generating)
+
+
+async def test_fal_image_to_image_with_a_data_uri_reference(through_service):
+    reference = ImageSource(uri=png_data_uri())
+    with serve("fal", endpoint="fal-ai/fast-lightning-sdxl/image-to-image", upload="data_uri") as served:
+        outcome = await through_service(served, prompt="make it blue", reference_image=reference, strength=0.6)
+        (job,) = served.fake.jobs.values()
+    event = outcome.ready
+    assert_stored_image(event)
+    sent = job.arguments["image_url"]
+    assert sent.startswith("data:image/") and ";base64," in sent
+    with Image.open(io.BytesIO(base64.b64decode(sent.partition(",")[2]))) as uploaded:
+        assert uploaded.size == (32, 32)
+    assert job.arguments["strength"] == 0.6
+    assert event.applied["strength"] == 0.6 and event.applied["reference_upload"] == "data_uri"
+    assert event.ignored == []
+
+
+async def test_openai_text_to_image(through_service):
+    with serve("openai") as served:
+        outcome = await through_service(served, prompt="a lighthouse", width=1536, height=1000, seed=3)
+        (call,) = served.fake.api_requests("/v1/images/generations")
+    event = outcome.ready
+    assert event.generator == "openai"
+    image = assert_stored_image(event)
+    assert image.size == (12, 8)  # the fake answers 1/128 of the size it was asked for
+    assert call.json()["size"] == "1536x1024" and call.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert event.applied["size"] == "1536x1024" and event.applied["height"] == 1024
+    assert event.ignored == ["seed"]  # the Images API has no seed
+
+
+async def test_gemini_text_to_image(through_service):
+    with serve("gemini") as served:
+        outcome = await through_service(served, prompt="a teapot", width=1600, height=900, negative_prompt="x")
+        (call,) = served.fake.requests
+    event = outcome.ready
+    assert event.generator == "gemini"
+    assert_stored_image(event)
+    assert call.headers["x-goog-api-key"] == GEMINI_KEY and GEMINI_KEY not in call.path
+    assert call.json()["generationConfig"]["imageConfig"] == {"aspectRatio": "16:9"}
+    assert event.applied["aspect_ratio"] == "16:9" and event.applied["model"] == "gemini-2.5-flash-image"
+    assert event.ignored == ["negative_prompt"]
+
+
+async def test_cloudflare_text_to_image(through_service):
+    with serve("cloudflare") as served:
+        outcome = await through_service(served, prompt="a canyon", steps=30, seed=9, width=512)
+        (call,) = served.fake.requests
+    event = outcome.ready
+    assert event.generator == "cloudflare"
+    assert_stored_image(event)
+    assert call.json() == {"prompt": "a canyon", "steps": 8}  # clamped to the model's maximum
+    assert event.applied["steps"] == 8 and event.applied["steps_requested"] == 30
+    assert sorted(event.ignored) == ["seed", "width"]
+
+
+# -- errors, one class per case; secrets are checked by the fixture ------------------------------------
+
+
+def fal_rate_limited(fake: Any) -> None:
+    fake.scenario.errors["submit"] = FakeError(429, {"detail": "Too many requests"}, {"Retry-After": "5"})
+
+
+def fal_flagged(fake: Any) -> None:
+    fake.scenario.nsfw = True
+
+
+def openai_rate_limited(fake: Any) -> None:
+    fake.fail_next(rate_limited("7"))
+
+
+def openai_moderation(fake: Any) -> None:
+    fake.fail_next(moderation_blocked())
+
+
+def openai_wrong_key(fake: Any) -> None:
+    fake.api_key = "sk-some-other-key"  # the fake's 401 then echoes the planted key in full
+
+
+def scenario(name: str) -> Callable[[Any], None]:
+    def apply(fake: Any) -> None:
+        fake.scenario = name
+
+    apply.__name__ = name
+    return apply
+
+
+@pytest.mark.parametrize(
+    ("provider", "arrange", "code", "retryable"),
+    [
+        ("fal", fal_rate_limited, "rate_limited", True),
+        ("fal", fal_flagged, "content_policy", False),
+        ("openai", openai_rate_limited, "rate_limited", True),
+        ("openai", openai_moderation, "content_policy", False),
+        ("openai", openai_wrong_key, "generation_failed", False),
+        ("gemini", scenario("rate_limit"), "rate_limited", True),
+        ("gemini", scenario("prompt_block"), "content_policy", False),
+        ("gemini", scenario("echo_key"), "generation_failed", True),
+        ("cloudflare", scenario("capacity"), "rate_limited", True),
+        ("cloudflare", scenario("nsfw"), "content_policy", False),
+        ("cloudflare", scenario("echo_secrets"), "generation_failed", True),
+    ],
+    ids=lambda value: getattr(value, "__name__", None) if callable(value) else None,
+)
+async def test_provider_errors_through_the_service(through_service, provider, arrange, code, retryable):
+    with serve(provider) as served:
+        arrange(served.fake)
+        outcome = await through_service(served, prompt="anything")
+    error = outcome.error
+    assert error is not None and outcome.result is None
+    assert (error.code, error.retryable, error.generator) == (code, retryable, served.name)
+    assert error.attempts == 1  # retries = 0: a retryable error is not tried again
+    assert error in outcome.tapped  # the catch-all subscriber saw the very event the client got
