@@ -13,7 +13,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -26,6 +26,7 @@ from image_server.journal import Admission as Recorded, Journal
 from image_server.manager import GeneratorManager
 from image_server.outcomes import error_event
 from image_server.pipeline import Admission, RenderOutcome, RenderPipeline
+from image_server.progress import ProgressThrottle
 from image_server.publisher import EventPublisher
 from image_server.security import KeyPair, load_keypair, load_public_key, start_authenticator
 from image_server.sockets import bound_endpoint, open_socket
@@ -49,7 +50,6 @@ from schemas import (
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_S = 0.1  # at most ten provider progress events a second per request
 # Messages bigger than this are decoded on a worker thread: parsing megabytes of inline
 # base64 JSON would otherwise stall the loop (and every heartbeat) for tens of ms.
 DECODE_IN_THREAD_BYTES = 256 * 1024
@@ -63,7 +63,7 @@ class _Active:
     task: asyncio.Task[None] | None = None
     accepted: bool = False  # journaled and RenderAccepted published
     end_reason: ImageServerError | None = None
-    last_progress: float = field(default=0.0)
+    throttle: ProgressThrottle | None = None
     started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
 
 
@@ -502,18 +502,20 @@ class ImageService:
     def _progress(
         self, active: _Active, stage: str, fraction: float | None, message: str | None, position: int | None
     ) -> None:
-        now = time.perf_counter()
-        if stage == "generating" and now - active.last_progress < PROGRESS_INTERVAL_S:
-            return
-        active.last_progress = now
-        event = RenderProgress(
-            request_id=active.request.request_id,
-            stage=stage,
-            generator=active.generator,
-            queue_position=position,
-            progress=fraction,
-            message=message,
+        if active.throttle is None:
+            active.throttle = ProgressThrottle(lambda event: self._send_progress(active, event))
+        active.throttle(
+            RenderProgress(
+                request_id=active.request.request_id,
+                stage=stage,
+                generator=active.generator,
+                queue_position=position,
+                progress=fraction,
+                message=message,
+            )
         )
+
+    def _send_progress(self, active: _Active, event: RenderProgress) -> None:
         task = asyncio.get_running_loop().create_task(self.publisher.publish(event, reply_to=active.request.reply_to))
         task.add_done_callback(_log_failure)
 
@@ -523,6 +525,8 @@ class ImageService:
         """Journal the terminal event, then publish it: exactly one per accepted request."""
         request = active.request
         rid = request.request_id
+        if active.throttle is not None:
+            active.throttle.cancel()  # no progress after the terminal event
         self._untrack(active)
         if request.channel and self._channels.get(request.channel) == rid:
             del self._channels[request.channel]
