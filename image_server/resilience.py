@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
 T = TypeVar("T")
+# One shared generator for backoff jitter: seeding a new Random() reads os.urandom and cost
+# about 9 us on every request (benchmarks/README.md, service overhead).
+_JITTER_RNG = random.Random()
 
 
 @dataclass
@@ -90,7 +93,7 @@ async def run_chain(
 ) -> ChainResult[T]:
     """Run ``attempt(name, attempt_number)`` along ``chain`` with retries; the first success
     wins. Raises the last error when every generator gave up (``attempts`` set on it)."""
-    rng = rng or random.Random()
+    rng = rng or _JITTER_RNG
     attempts = 0
     last_error: ImageServerError | None = None
     for name in chain:

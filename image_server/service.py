@@ -112,13 +112,17 @@ class ImageService:
         if self._own_context:
             stack.callback(self.context.destroy, 0)
         curve, server_key = self._curve_setup(stack)
-        self._requests = open_socket(
-            self.context, self.config.sockets.requests, role="requests", curve=curve, curve_server_key=server_key
-        )
-        stack.callback(self._requests.close, 0)
         # Libzmq's own cap drops (with a disconnect) anything far over our limit before it is
         # buffered; messages between the two limits get a RenderError from _on_frames.
-        self._requests.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.limits.max_message_bytes)
+        self._requests = open_socket(
+            self.context,
+            self.config.sockets.requests,
+            role="requests",
+            curve=curve,
+            curve_server_key=server_key,
+            max_message_bytes=2 * self.config.limits.max_message_bytes,
+        )
+        stack.callback(self._requests.close, 0)
         events = open_socket(
             self.context, self.config.sockets.events, role="events", curve=curve, curve_server_key=server_key
         )

@@ -38,6 +38,7 @@ def open_socket(
     role: str,
     curve: KeyPair | None = None,
     curve_server_key: bytes | None = None,
+    max_message_bytes: int | None = None,
 ) -> zmq.asyncio.Socket:
     """A socket of ``config.kind``, bound or connected; bind errors name the address.
 
@@ -56,6 +57,9 @@ def open_socket(
         socket.setsockopt(zmq.XPUB_VERBOSE, 1)
     if config.kind == "sub":
         socket.setsockopt(zmq.SUBSCRIBE, b"")
+    if max_message_bytes is not None:
+        # Before bind: a listener copies the options it has then, so a cap set later is ignored.
+        socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
     if curve is not None:
         if config.bind:
             make_server(socket, curve)

@@ -11,7 +11,7 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -99,7 +99,9 @@ class OutputStore:
         return stored
 
     def _encode(self, image: GeneratedImage, fmt: OutputFormat, texts: Mapping[str, str]) -> _Encoded:
-        if image.data is not None and (image.format or image_format_of(image.data)) == fmt:
+        # The magic bytes beat the provider's label: a mislabelled JPEG must be re-encoded, not
+        # fail in insert_text after the render was paid for.
+        if image.data is not None and (image_format_of(image.data) or image.format) == fmt:
             # Fast path: the provider already sent this format; keep its bytes.
             with Image.open(io.BytesIO(image.data)) as opened:
                 width, height = opened.size
@@ -147,12 +149,18 @@ def write_atomic(path: Path, data: bytes) -> Path:
     """Write via a temp file in the same folder and ``os.replace``: readers never see a
     partial image, and a crash leaves the old file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp: it creates files 0600, so a display process run by another user
+    # could not read the image. os.open with 0o666 honours the umask instead.
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            # The journal records ImageReady right after this: the bytes must be on disk first.
+            os.fsync(fh.fileno())
         os.replace(temp, path)
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     return path.resolve()

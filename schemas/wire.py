@@ -22,6 +22,9 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _SNIFFED = {"request_id": _REQUEST_ID, "reply_to": _NAME}
 _TOPIC = re.compile(r"^[A-Za-z]+(/[A-Za-z0-9._-]{1,64})?$")
+# Deeper JSON is refused: json.loads raises RecursionError past ~1000 levels, and pydantic
+# cannot serialize (journal, echo in events) past ~255, so such a request would be stranded.
+MAX_JSON_DEPTH = 64
 
 
 class WireError(ValueError):
@@ -61,7 +64,7 @@ def sniff_field(payload: bytes, name: str = "request_id") -> str | None:
     pattern = _SNIFFED[name]
     try:
         data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         data = None
     if isinstance(data, dict):
         value = data.get(name)
@@ -116,6 +119,10 @@ def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _wire_error(f"invalid JSON: {exc}", payload, topic) from exc
+    except RecursionError as exc:
+        raise _wire_error(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels", payload, topic) from exc
+    if _too_deep(data):
+        raise _wire_error(f"JSON is nested deeper than {MAX_JSON_DEPTH} levels", payload, topic)
     if not isinstance(data, dict):
         raise _wire_error("JSON body is not an object", payload, topic)
     message_type = topic.split("/", 1)[0] if topic else None
@@ -128,6 +135,18 @@ def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
     except ValidationError as exc:
         raise _wire_error(_summarise(exc), payload, topic) from exc
     return DecodedMessage(topic=topic or message.type, message=message, blobs=blobs)
+
+
+def _too_deep(data: Any) -> bool:
+    """True when objects and arrays nest more than ``MAX_JSON_DEPTH`` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _summarise(exc: ValidationError) -> str:

@@ -315,3 +315,39 @@ def test_png_compress_level_is_used(tmp_path: Path) -> None:
 def test_an_image_without_data_or_pixels_is_an_error(store: OutputStore) -> None:
     with pytest.raises(ValueError, match="neither data nor pixels"):
         store_one(store, GeneratedImage(width=10, height=10))
+
+
+def test_written_files_honour_the_umask(tmp_path: Path) -> None:
+    # Another user's display process must be able to read the images (mkstemp would give 0600).
+    for umask, expected in ((0o022, 0o644), (0o077, 0o600)):
+        previous = os.umask(umask)
+        try:
+            path = write_atomic(tmp_path / f"u{umask:o}" / "image.png", b"data")
+        finally:
+            os.umask(previous)
+        assert path.stat().st_mode & 0o777 == expected
+
+
+def test_bytes_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    write_atomic(tmp_path / "image.png", b"data")
+    assert events == ["fsync", "replace"]
+
+
+def test_a_mislabelled_provider_image_is_re_encoded(store: OutputStore) -> None:
+    jpeg = encode(picture(), "JPEG", quality=95)
+    stored = store_one(store, GeneratedImage(data=jpeg, format="png"), delivery="frames")
+    assert stored.blob is not None and decode(stored.blob).format == "PNG"
+    assert decode(stored.blob).size == (48, 32) and decode(stored.blob).text["prompt"] == "a fox"

@@ -212,7 +212,7 @@ class CloudflareGenerator(Generator):
         entries = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
         codes = [e.get("code") for e in entries if isinstance(e.get("code"), int)]
         text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in entries) or response.text
-        detail = scrub(text[:MAX_DETAIL_CHARS], self._token, self._account_id)
+        detail = scrub(text, self._token, self._account_id)[:MAX_DETAIL_CHARS]  # scrub, then cut
         error_type = str(codes[0]) if codes else None
         # A 2xx with success false carries no useful status; treat it as a refused request.
         status = response.status_code if response.status_code >= 400 else 400

@@ -25,8 +25,9 @@ def secrets_of(key: str) -> tuple[str, ...]:
     return (key, *key.split(":")) if ":" in key else (key,)
 
 
-def format_detail(detail: Any) -> str:
-    """fal's ``detail``: a string, or pydantic's list of ``{"loc", "msg", "type"}`` items."""
+def format_detail(detail: Any, *secrets: str) -> str:
+    """fal's ``detail``: a string, or pydantic's list of ``{"loc", "msg", "type"}`` items; the
+    ``secrets`` are scrubbed before it is cut (a key straddling the cut would leave half of it)."""
     if isinstance(detail, list):
         parts = []
         for item in detail:
@@ -39,6 +40,7 @@ def format_detail(detail: Any) -> str:
         text = "; ".join(parts)
     else:
         text = str(detail)
+    text = scrub(text, *secrets)
     return text if len(text) <= MAX_DETAIL_CHARS else text[: MAX_DETAIL_CHARS - 3] + "..."
 
 
@@ -62,7 +64,7 @@ def error_for_fal_http(
     secrets: tuple[str, ...],
 ) -> GenerationFailed:
     """Status -> error class via ``error_for_status``; fal's ``X-Fal-Retryable`` has the last word."""
-    text = scrub(format_detail(detail), *secrets)
+    text = format_detail(detail, *secrets)
     if is_content_policy(status, detail, error_type):
         return ContentPolicy(
             f"{generator}: refused by content policy (HTTP {status}): {text}",
@@ -91,17 +93,19 @@ def translate_fal_errors(generator: str, key: str, *, request_id: str | None = N
         if exc.request_id is None:
             exc.request_id = request_id
         raise
+    # "from None" below: the originals carry the provider's words unscrubbed (fal echoes keys
+    # back in some errors), and a traceback of a chained cause would print them.
     except fal_client.FalClientHTTPError as exc:
         raise _with_id(
             error_for_fal_http(
                 exc.status_code, exc.message, exc.error_type, exc.response.headers, generator=generator, secrets=secrets
             ),
             request_id,
-        ) from exc
+        ) from None
     except httpx.HTTPStatusError as exc:  # fal's CDN token refresh raises plain httpx errors
         response = exc.response
-        detail = scrub(response.text[:MAX_DETAIL_CHARS], *secrets)
-        raise _with_id(error_for_status(response.status_code, detail, generator=generator), request_id) from exc
+        detail = scrub(response.text, *secrets)[:MAX_DETAIL_CHARS]
+        raise _with_id(error_for_status(response.status_code, detail, generator=generator), request_id) from None
     except fal_client.FalClientTimeoutError as exc:
         raise GenerationTimeout(
             f"{generator}: fal did not answer in time", generator=generator, request_id=request_id
@@ -110,7 +114,7 @@ def translate_fal_errors(generator: str, key: str, *, request_id: str | None = N
         # fal-client parses JSON and indexes required keys without checks: bad JSON, a missing
         # request_id or an unknown status string surface here.
         message = scrub(f"{generator}: fal returned a malformed response ({type(exc).__name__}: {exc})", *secrets)
-        raise GenerationFailed(message[:MAX_DETAIL_CHARS], generator=generator, request_id=request_id) from exc
+        raise GenerationFailed(message[:MAX_DETAIL_CHARS], generator=generator, request_id=request_id) from None
 
 
 def _with_id(error: GenerationFailed, request_id: str | None) -> GenerationFailed:

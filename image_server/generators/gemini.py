@@ -269,7 +269,8 @@ class GeminiGenerator(Generator):
         status_name = error.get("status") if isinstance(error.get("status"), str) else None
         raw_details = error.get("details")
         details: list[Any] = raw_details if isinstance(raw_details, list) else []
-        message = str(error.get("message") or response.text or "")[:MAX_DETAIL_CHARS]
+        # Scrubbed before it is cut: a key straddling the cut would otherwise leave half of it.
+        message = scrub(str(error.get("message") or response.text or ""), self._key)[:MAX_DETAIL_CHARS]
         detail = scrub(f"{status_name}: {message}" if status_name else message, self._key)
         retry_after = parse_retry_after(response.headers.get("retry-after")) or _retry_delay(details)
         reasons = {_dict(d).get("reason") for d in details}

@@ -100,15 +100,16 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return parse_retry_after(headers.get("retry-after"))
 
 
-def _error_fields(response: httpx.Response) -> tuple[str, str | None, str | None]:
-    """(message, type, code) from ``{"error": {...}}``, or the start of a non-JSON body."""
+def _error_fields(response: httpx.Response, key: str) -> tuple[str, str | None, str | None]:
+    """(message, type, code) from ``{"error": {...}}``, or the start of a non-JSON body (scrubbed
+    before it is cut: a key straddling the cut would otherwise leave half of it)."""
     try:
         error = response.json().get("error")
         message = error.get("message") or ""
         kind, code = error.get("type"), error.get("code")
         return str(message), kind if isinstance(kind, str) else None, code if isinstance(code, str) else None
     except (ValueError, AttributeError):
-        return response.text[:300].strip(), None, None
+        return scrub(response.text, key)[:300].strip(), None, None
 
 
 class OpenAIGenerator(Generator):
@@ -270,9 +271,9 @@ class OpenAIGenerator(Generator):
     def _error(self, response: httpx.Response, key: str) -> GenerationFailed:
         """Translate an error response (contract 2.4); the key is scrubbed from every message."""
         status = response.status_code
-        message, kind, code = _error_fields(response)
+        message, kind, code = _error_fields(response, key)
         label = code or kind
-        detail = message[:500] + (f" [{label}]" if label else "")
+        detail = scrub(message, key)[:500] + (f" [{label}]" if label else "")  # scrub, then cut
         if response.headers.get("x-request-id"):
             detail += f" (x-request-id {response.headers['x-request-id']})"
         detail = scrub(detail, key)

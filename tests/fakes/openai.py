@@ -220,7 +220,8 @@ class _Handler(JSONHandler):
         if model is None or model[1] not in MODELS:
             message = "The model does not exist or you do not have access to it."
             return self._error(ScriptedError(404, message, "invalid_request_error", "model_not_found"))
-        self.send_json(200, {"id": model[1], "object": "model", "created": 1_700_000_000, "owned_by": "system"})
+        model_info = {"id": model[1], "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+        self._send(200, json.dumps(model_info).encode())  # _send: the client may have timed out and gone
 
     def do_POST(self) -> None:
         record = self._record(self.read_body())
