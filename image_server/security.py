@@ -7,6 +7,7 @@ and an authenticator holding the allow-list of client public keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from image_server.config import SecurityConfig
 from image_server.errors import ConfigError
 
 ZAP_DOMAIN = "image-server"
@@ -99,3 +101,17 @@ def prepare_ipc_endpoint(endpoint: str) -> None:
             f"ipc endpoint {endpoint}: its directory {parent} has mode {mode:o}; "
             "use a directory of mode 0700 so other local users cannot connect"
         )
+
+
+def curve_setup(
+    security: SecurityConfig, context: zmq.asyncio.Context, stack: contextlib.AsyncExitStack
+) -> tuple[KeyPair | None, bytes | None]:
+    """Keys and a running ZAP authenticator (stopped by ``stack``) when CURVE is on."""
+    if not security.curve:
+        return None, None
+    keys = load_keypair(security.secret_key)
+    server_key = load_public_key(security.server_public_key) if security.server_public_key else None
+    # The authenticator must be up before the sockets bind, or early clients go unchecked.
+    authenticator = start_authenticator(context, security.authorized_keys)
+    stack.callback(authenticator.stop)
+    return keys, server_key

@@ -175,7 +175,7 @@ async def test_cancel_arriving_with_its_request_still_ends_it_once(service_facto
             for index in range(5):
                 end = await log.terminal(f"quick-{index}")
                 assert isinstance(end, RenderError) and end.code == "cancelled", end
-            await until(lambda: not service._active)
+            await until(lambda: not service.active)
             # The id is free for a new render (a stale in-flight entry would swallow it).
             await log.render("quick-0-again")
             assert isinstance(await log.terminal("quick-0-again"), ImageReady)
@@ -226,7 +226,7 @@ async def test_clear_queue_ends_pending_but_not_running_requests(service_factory
             for index in range(3):
                 end = await log.terminal(f"pending-{index}")
                 assert isinstance(end, RenderError) and end.code == "superseded", end
-            assert service.manager.scheduler.in_flight == 1 and "busy" in service._active
+            assert service.manager.scheduler.in_flight == 1 and "busy" in service.active
             script.release.set()
             assert isinstance(await log.terminal("busy"), ImageReady)
             assert isinstance(await log.terminal("fresh"), ImageReady)
@@ -313,7 +313,7 @@ async def test_nothing_disappears_under_mixed_cancels_and_supersedes(service_fac
                     await log.send(CancelRequest(request_id=rng.choice(sent)))
             for rid in sent:
                 await log.terminal(rid, timeout=10)
-            await until(lambda: not service._active and service.manager.scheduler.in_flight == 0)
+            await until(lambda: not service.active and service.manager.scheduler.in_flight == 0)
             await log.flush()
     counts = log.terminal_counts()
     assert counts == {rid: 1 for rid in sent}

@@ -291,7 +291,7 @@ class Harness:
             else:
                 await self._validated(frames, mark)
         # A request's entry goes before its terminal event is sent: nothing may linger.
-        assert not service._active, service._active
+        assert not service.active, service.active
 
     async def _validated(self, frames: list[bytes], mark: int) -> None:
         """Neither counted nor refused: the message must decode, and get its answer."""

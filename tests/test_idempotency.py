@@ -185,7 +185,7 @@ async def test_resumed_requests_on_one_channel_keep_only_the_newest(service_fact
             await journal.admit(rid, "mock", request.model_dump_json())
     script = Script()
     async with service_factory(factory=script.factory) as service:
-        await until(lambda: not service._active)
+        await until(lambda: not service.active)
     assert script.started == ["slot-new"]
     entries = {entry.request_id: entry for entry in recent_entries(state_dir)}
     assert (entries["slot-old"].outcome, entries["slot-old"].code) == ("RenderError", "superseded")

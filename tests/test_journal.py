@@ -179,3 +179,22 @@ async def test_closed_journal_refuses_work(tmp_path: Path):
         await journal.admit("n-1", "mock", request_json("n-1"))
     with pytest.raises(RuntimeError, match="not open"):
         await journal.unfinished()
+
+
+async def test_a_journal_that_cannot_record_refuses_instead_of_stranding(service_factory, client_for):
+    from image_server.client import RenderFailed
+
+    async with service_factory() as service, client_for(service) as client:
+        journal = service.journal
+        assert journal is not None
+        # Break the real database underneath the running service (another process could).
+        other = sqlite3.connect(journal.path)
+        other.execute("DROP TABLE requests")
+        other.close()
+        try:
+            await client.render(request_id="no-journal", prompt="p", timeout=5)
+        except RenderFailed as exc:
+            assert exc.code == "internal" and exc.event.retryable and "journal" in exc.event.message
+        else:
+            raise AssertionError("a request that was never journaled must not succeed")
+        assert "no-journal" not in service.active

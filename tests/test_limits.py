@@ -62,7 +62,7 @@ async def test_per_client_cap(service_factory, client_for):
                 for i in range(2)
             ]
             async with asyncio.timeout(5):
-                while len(service._active) < 2:
+                while len(service.active) < 2:
                     await asyncio.sleep(0.01)
             with pytest.raises(RenderFailed) as third:
                 await greedy.render(request_id="g-2", prompt="p")

@@ -35,7 +35,11 @@ def keys(tmp_path):
 
 def curve_overrides(keys) -> dict:
     return {
-        "security": {"curve": True, "secret_key": str(keys["server_secret"]), "authorized_keys": str(keys["authorized"])}
+        "security": {
+            "curve": True,
+            "secret_key": str(keys["server_secret"]),
+            "authorized_keys": str(keys["authorized"]),
+        }
     }
 
 

@@ -318,7 +318,7 @@ async def test_overloaded_beyond_in_flight_and_queue_bounds(service_factory, cli
             first = asyncio.create_task(client.render(request_id="o-1", prompt="p", width=64, height=64))
             second = asyncio.create_task(client.render(request_id="o-2", prompt="p", width=64, height=64))
             async with asyncio.timeout(5):
-                while len(service._active) < 2:
+                while len(service.active) < 2:
                     await asyncio.sleep(0.01)
             with pytest.raises(RenderFailed) as third:
                 await client.render(request_id="o-3", prompt="p")
@@ -360,7 +360,7 @@ async def test_channel_supersedes_older_request(service_factory, client_for):
     async with service_factory(generators=generators) as service, client_for(service) as client:
         older = asyncio.create_task(client.render(request_id="ch-1", prompt="p", channel="wall", width=64, height=64))
         async with asyncio.timeout(5):
-            while "ch-1" not in service._active:
+            while "ch-1" not in service.active:
                 await asyncio.sleep(0.01)
         newer = await client.render(request_id="ch-2", prompt="p", channel="wall", width=64, height=64)
         with pytest.raises(RenderFailed) as superseded:
