@@ -38,6 +38,7 @@ class Active:
     end_reason: ImageServerError | None = None
     throttle: ProgressThrottle | None = None
     started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
+    raw: bytes | None = None  # the request's JSON as received, journaled as is
 
 
 class RequestTracker:
@@ -68,7 +69,8 @@ class RequestTracker:
 
     # -- arrival ----------------------------------------------------------------------
 
-    async def on_render(self, request: RenderRequest) -> None:
+    async def on_render(self, request: RenderRequest, raw: bytes | None = None) -> None:
+        """Admit (or refuse) a request; ``raw`` is its JSON as received, if at hand."""
         rid = request.request_id
         active = self.active.get(rid)
         if active is not None:
@@ -87,7 +89,7 @@ class RequestTracker:
                 error_event(exc, request, generator=request.generator), reply_to=request.reply_to
             )
             return
-        active = Active(request, admission.generator, time.perf_counter())
+        active = Active(request, admission.generator, time.perf_counter(), raw=raw)
         self._track(active)
         active.task = asyncio.create_task(self._admit_and_run(active, admission), name=f"render:{rid}")
 
@@ -109,7 +111,11 @@ class RequestTracker:
         request = active.request
         if self.journal is not None:
             try:
-                recorded = await self.journal.admit(request.request_id, active.generator, request.model_dump_json())
+                # Re-serializing a request with megabytes of inline images would hold the
+                # loop for tens of ms; the bytes as received say the same.
+                request_json = active.raw if active.raw is not None else request.model_dump_json().encode()
+                active.raw = None
+                recorded = await self.journal.admit(request.request_id, active.generator, request_json)
             except asyncio.CancelledError:
                 if active.end_reason is None:
                     raise
@@ -258,8 +264,7 @@ class RequestTracker:
         )
 
     def _send_progress(self, active: Active, event: RenderProgress) -> None:
-        task = asyncio.get_running_loop().create_task(self.publisher.publish(event, reply_to=active.request.reply_to))
-        task.add_done_callback(_log_failure)
+        self.publisher.publish_nowait(event, reply_to=active.request.reply_to)
 
     async def _publish_terminal(
         self, active: Active, event: ImageReady | RenderError, blobs: Sequence[bytes] = ()
@@ -314,8 +319,3 @@ class RequestTracker:
             return
         await self._publish_accepted(active)
         await self._run(active, admission)
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("publishing a progress event failed: %r", task.exception())

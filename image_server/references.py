@@ -46,6 +46,21 @@ _PNG_COMPRESS_LEVEL = 1  # about 4x faster than the default 6 (DESIGN.md); these
 _WARNINGS_LOCK = threading.Lock()
 
 
+# base64 decoding holds the GIL; in chunks, the event loop's thread gets it back between
+# them instead of waiting ~10 ms per 4 MB reference (measured in benchmarks/README.md).
+_B64_CHUNK = 512 * 1024  # a multiple of 4
+
+
+def _has_whitespace(text: str) -> bool:
+    return any(c in text for c in " \n\r\t")
+
+
+def _b64decode_chunked(text: str) -> bytes:
+    if len(text) <= _B64_CHUNK:
+        return base64.b64decode(text, validate=True)
+    return b"".join(base64.b64decode(text[i : i + _B64_CHUNK], validate=True) for i in range(0, len(text), _B64_CHUNK))
+
+
 def decode_base64_source(text: str, max_bytes: int) -> bytes:
     """Bytes from raw base64 or a ``data:...;base64,`` URI; whitespace is ignored.
 
@@ -58,12 +73,14 @@ def decode_base64_source(text: str, max_bytes: int) -> bytes:
             raise ReferenceImageError("malformed data URI (no ',' before the data)")
         if "base64" not in (part.strip().lower() for part in header[5:].split(";")[1:]):
             raise ReferenceImageError("only base64 data URIs are supported")
-    compact = "".join(payload.split())
+    if len(payload) > 4 * -(-max_bytes // 3) + len(payload) // 64 + 1024:  # generous for line breaks
+        raise ReferenceImageError(f"image data is larger than the limit of {max_bytes} bytes")
+    compact = "".join(payload.split()) if _has_whitespace(payload) else payload
     if len(compact) > 4 * -(-max_bytes // 3):
         raise ReferenceImageError(f"image data is larger than the limit of {max_bytes} bytes")
     compact += "=" * (-len(compact) % 4)  # tolerate stripped padding
     try:
-        data = base64.b64decode(compact, validate=True)
+        data = _b64decode_chunked(compact)
     except (binascii.Error, ValueError) as exc:
         raise ReferenceImageError("image data is not valid base64") from exc
     if not data:

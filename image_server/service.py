@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -46,6 +48,20 @@ logger = logging.getLogger(__name__)
 # Messages bigger than this are decoded on a worker thread: parsing megabytes of inline
 # base64 JSON would otherwise stall the loop (and every heartbeat) for tens of ms.
 DECODE_IN_THREAD_BYTES = 256 * 1024
+
+
+async def prestart_worker_threads() -> None:
+    """Start the default executor's threads now. Started on demand, each new thread made the
+    loop wait 8-19 ms for the GIL in the middle of a burst of image work (benchmarks/README.md)."""
+    loop = asyncio.get_running_loop()
+    workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+    barrier = threading.Barrier(workers, timeout=5)
+
+    def wait() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # every thread blocks until all exist, so none is reused
+
+    await asyncio.gather(*(loop.run_in_executor(None, wait) for _ in range(workers)))
 
 
 class ImageService:
@@ -129,6 +145,7 @@ class ImageService:
             self._pipeline, self._publisher, self.journal, self.config.limits, self.counters
         )
         await self.requests.resume()
+        await prestart_worker_threads()
         self._started_at = time.monotonic()
         self._tasks = [asyncio.create_task(self._receive_loop(), name="receive")]
         if self.journal is not None:
@@ -275,7 +292,7 @@ class ImageService:
             return
         message = decoded.message
         if isinstance(message, RenderRequest):
-            await self.requests.on_render(message)
+            await self.requests.on_render(message, raw=decoded.payload)
         elif isinstance(message, CancelRequest):
             await self._on_cancel(message)
         elif isinstance(message, StatusRequest):

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from schemas import lift
 from schemas.messages import REQUEST_ID_PATTERN, Message
 
 MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
@@ -45,6 +46,7 @@ class DecodedMessage:
     topic: str
     message: Any
     blobs: Sequence[bytes] = field(default_factory=tuple)
+    payload: bytes = b""  # the JSON as received (journaled as is: no re-serialization)
 
 
 def event_topic(message_type: str, reply_to: str | None = None) -> str:
@@ -116,7 +118,7 @@ def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
         topic = _decode_topic(bytes(frames[0]), payload)
         blobs = frames[2:]
     try:
-        data = json.loads(payload)
+        data = lift.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _wire_error(f"invalid JSON: {exc}", payload, topic) from exc
     except RecursionError as exc:
@@ -134,7 +136,7 @@ def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
         message = MESSAGE_ADAPTER.validate_python(data)
     except ValidationError as exc:
         raise _wire_error(_summarise(exc), payload, topic) from exc
-    return DecodedMessage(topic=topic or message.type, message=message, blobs=blobs)
+    return DecodedMessage(topic=topic or message.type, message=message, blobs=blobs, payload=payload)
 
 
 def _too_deep(data: Any) -> bool:
