@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from image_server.config import LimitsConfig
 from image_server.errors import Cancelled, ImageServerError, Overloaded, Superseded
