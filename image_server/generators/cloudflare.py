@@ -25,7 +25,6 @@ from image_server.generators.base import (
     Capabilities,
     GeneratedImage,
     GenerationResult,
-    Generator,
     GeneratorConfig,
     HealthReport,
     RenderJob,
@@ -40,6 +39,7 @@ from image_server.generators.http import (
     scrub,
     translate_transport_errors,
 )
+from image_server.generators.http_generator import HTTPGenerator
 
 ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The envelope's own codes where the HTTP status alone says too little.
@@ -98,14 +98,13 @@ def read_image(content: bytes, content_type: str, *, generator: str) -> bytes | 
     return decode_base64_image(image, generator=generator)
 
 
-class CloudflareGenerator(Generator):
+class CloudflareGenerator(HTTPGenerator):
     """Text-to-image only; prompt length and steps are bounded by the model's schema."""
 
     strategy: ClassVar[str] = "cloudflare"
     config_model: ClassVar[type[GeneratorConfig]] = CloudflareConfig
     config: CloudflareConfig
     # Set by open(); the base constructor checks the config and keeps ``environ``.
-    _client: httpx.AsyncClient | None = None
     _token = ""
     _account_id = ""
 
@@ -116,21 +115,12 @@ class CloudflareGenerator(Generator):
             parameters=frozenset({"steps", "seed"} if self.config.send_seed else {"steps"}),
         )
 
-    async def open(self) -> None:
-        """Read account id and token (``GeneratorUnavailable`` if unset) and open the client."""
-        if self._client is not None:
-            return
+    def read_credentials(self) -> None:
+        """Account id and token from the environment (``GeneratorUnavailable`` if unset)."""
         self._account_id, self._token = self._read_credentials()
-        timeout = httpx.Timeout(self.config.request_timeout_s or self.config.timeout_s)
-        self._client = httpx.AsyncClient(base_url=self.config.base_url, timeout=timeout)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
     async def generate(self, job: RenderJob) -> GenerationResult:
-        client = self._require_client()
+        client = self.require_client()
         config, request = self.config, job.request
         try:
             ignored = check_request(self.capabilities, request, self.name)
@@ -230,11 +220,6 @@ class CloudflareGenerator(Generator):
         if DAILY_ALLOCATION_USED in codes:  # the free allocation resets daily: retrying now cannot help
             error.retryable = False
         return error
-
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError(f"{self!r} is not open; use 'async with generator:' or call open() first")
-        return self._client
 
 
 def _json_or_none(response: httpx.Response) -> Any:

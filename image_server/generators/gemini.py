@@ -24,7 +24,6 @@ from image_server.generators.base import (
     Capabilities,
     GeneratedImage,
     GenerationResult,
-    Generator,
     GeneratorConfig,
     HealthReport,
     ReferenceImage,
@@ -40,6 +39,7 @@ from image_server.generators.http import (
     scrub,
     translate_transport_errors,
 )
+from image_server.generators.http_generator import HTTPGenerator
 
 logger = logging.getLogger(__name__)
 
@@ -174,14 +174,13 @@ def _retry_delay(details: list[Any]) -> float | None:
     return None
 
 
-class GeminiGenerator(Generator):
+class GeminiGenerator(HTTPGenerator):
     """Text-to-image and prompt-guided editing with up to ``max_reference_images`` inputs."""
 
     strategy: ClassVar[str] = "gemini"
     config_model: ClassVar[type[GeneratorConfig]] = GeminiConfig
     config: GeminiConfig
     # Set by open(); the base constructor checks the config and keeps ``environ``.
-    _client: httpx.AsyncClient | None = None
     _key = ""
 
     @property
@@ -193,21 +192,12 @@ class GeminiGenerator(Generator):
             parameters=frozenset(),
         )
 
-    async def open(self) -> None:
-        """Read the key (``GeneratorUnavailable`` if unset) and open the HTTP client."""
-        if self._client is not None:
-            return
+    def read_credentials(self) -> None:
+        """The key from the environment (``GeneratorUnavailable`` if unset)."""
         self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self.environ).get_secret_value()
-        timeout = httpx.Timeout(self.config.request_timeout_s or self.config.timeout_s)
-        self._client = httpx.AsyncClient(base_url=self.config.base_url, timeout=timeout)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
     async def generate(self, job: RenderJob) -> GenerationResult:
-        client = self._require_client()
+        client = self.require_client()
         config, request = self.config, job.request
         try:
             ignored = check_request(self.capabilities, request, self.name)
@@ -285,8 +275,3 @@ class GeminiGenerator(Generator):
         return error_for_status(
             response.status_code, detail, generator=self.name, retry_after=retry_after, error_type=status_name
         )
-
-    def _require_client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError(f"{self!r} is not open; use 'async with generator:' or call open() first")
-        return self._client

@@ -20,7 +20,6 @@ from image_server.generators.base import (
     Capabilities,
     GeneratedImage,
     GenerationResult,
-    Generator,
     GeneratorConfig,
     HealthReport,
     RenderJob,
@@ -35,6 +34,7 @@ from image_server.generators.http import (
     scrub,
     translate_transport_errors,
 )
+from image_server.generators.http_generator import HTTPGenerator
 from image_server.generators.openai_config import DALLE3_STYLES, MODELS, OpenAIConfig, nearest_size, size_dims
 
 __all__ = ["OpenAIConfig", "OpenAIGenerator"]
@@ -112,14 +112,13 @@ def _error_fields(response: httpx.Response, key: str) -> tuple[str, str | None, 
         return scrub(response.text, key)[:300].strip(), None, None
 
 
-class OpenAIGenerator(Generator):
+class OpenAIGenerator(HTTPGenerator):
     """OpenAI Images: text-to-image on ``/images/generations``, reference images on ``/images/edits``."""
 
     strategy: ClassVar[str] = "openai"
     config_model: ClassVar[type[GeneratorConfig]] = OpenAIConfig
     config: OpenAIConfig
     # Set by open(); the base constructor checks the config and keeps ``environ``.
-    _client: httpx.AsyncClient | None = None
     _key: SecretStr | None = None
     _extra_headers: Mapping[str, str] = {}
 
@@ -135,10 +134,8 @@ class OpenAIGenerator(Generator):
             parameters=frozenset() if spec.gpt_image else frozenset({"style"}),
         )
 
-    async def open(self) -> None:
-        """Read the key (and optional organization / project ids) and create the HTTP client."""
-        if self._client is not None:
-            return
+    def read_credentials(self) -> None:
+        """The key, and the optional organization / project ids, from the environment."""
         self._key = read_api_key(self.config.api_key_env, generator=self.name, environ=self.environ)
         extra_headers: dict[str, str] = {}
         for header, env_var in (
@@ -154,15 +151,6 @@ class OpenAIGenerator(Generator):
                     )
                 extra_headers[header] = value
         self._extra_headers = extra_headers
-        seconds = self.config.request_timeout_s or self.config.timeout_s
-        timeout = httpx.Timeout(seconds, connect=min(10.0, seconds))
-        # Auth headers go on each API call, not on the client: result URLs live on other hosts.
-        self._client = httpx.AsyncClient(base_url=self.config.base_url, timeout=timeout)
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
 
     def _opened(self) -> tuple[httpx.AsyncClient, str]:
         if self._client is None or self._key is None:
