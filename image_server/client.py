@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from image_server.security import KeyPair, make_client
+from image_server.sequence import SeqTracker
 from schemas import (
     CancelRequest,
     Heartbeat,
@@ -96,6 +97,7 @@ class RenderClient:
         on_event: Callable[[Any], None] | None = None,
         curve_keys: KeyPair | None = None,
         curve_server_key: bytes | None = None,
+        monitor: bool = False,
     ) -> None:
         self.requests_endpoint = requests_endpoint
         self.events_endpoint = events_endpoint
@@ -111,6 +113,9 @@ class RenderClient:
         self._heartbeats: dict[str, tuple[float, float, float, int]] = {}
         self.max_message_bytes = max_message_bytes
         self.on_event = on_event
+        # A monitor subscribes to every event, so gaps in ``seq`` mean lost events.
+        self.monitor = monitor
+        self.sequence = SeqTracker()
         if (curve_keys is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both the client's key pair and the server's public key")
         self._curve = (curve_keys, curve_server_key) if curve_keys is not None and curve_server_key else None
@@ -126,9 +131,12 @@ class RenderClient:
         self._events = self.context.socket(zmq.SUB)
         self._events.setsockopt(zmq.LINGER, 0)
         self._secure(self._events)
-        self._events.setsockopt(zmq.SUBSCRIBE, b"Heartbeat")
-        for message_type in _REPLY_TYPES:
-            self._events.setsockopt(zmq.SUBSCRIBE, f"{message_type}/{self.client_id}".encode())
+        if self.monitor:
+            self._events.setsockopt(zmq.SUBSCRIBE, b"")
+        else:
+            self._events.setsockopt(zmq.SUBSCRIBE, b"Heartbeat")
+            for message_type in _REPLY_TYPES:
+                self._events.setsockopt(zmq.SUBSCRIBE, f"{message_type}/{self.client_id}".encode())
         self._events.connect(self.events_endpoint)
         self._sender = self.context.socket(zmq.PUB if self.requests_kind == "pub" else zmq.PUSH)
         self._sender.setsockopt(zmq.LINGER, 0)
@@ -283,6 +291,8 @@ class RenderClient:
             self._dispatch(decoded.message, list(decoded.blobs))
 
     def _dispatch(self, event: Any, blobs: list[bytes]) -> None:
+        if self.monitor:
+            self.sequence.observe(event.service_id, event.seq)
         if isinstance(event, Heartbeat):
             previous = self._heartbeats.get(event.service_id)
             self._heartbeats[event.service_id] = (
