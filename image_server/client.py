@@ -288,7 +288,7 @@ class RenderClient:
             except WireError as exc:
                 logger.warning("undecodable event: %s", exc.reason)
                 continue
-            self._dispatch(decoded.message, list(decoded.blobs))
+            self._dispatch(decoded.message, [bytes(blob) for blob in decoded.blobs])
 
     def _dispatch(self, event: Any, blobs: list[bytes]) -> None:
         if self.monitor:

@@ -59,7 +59,7 @@ class Admission(Enum):
 class JournalEntry:
     request_id: str
     generator: str
-    request_json: str | bytes  # the request as received (JSON text, stored as a BLOB)
+    request_json: str | bytes | bytearray  # the request as received (JSON text, stored as a BLOB)
     accepted_at: float
     finished_at: float | None = None
     outcome: str | None = None
@@ -196,7 +196,7 @@ class Journal:
 
     # -- operations -------------------------------------------------------------------
 
-    async def admit(self, request_id: str, generator: str, request_json: str | bytes) -> Recorded:
+    async def admit(self, request_id: str, generator: str, request_json: str | bytes | bytearray) -> Recorded:
         """Record a new request, or say what the journal already knows about it."""
 
         def op(conn: sqlite3.Connection) -> Recorded:

@@ -37,7 +37,7 @@ class Active:
     end_reason: ImageServerError | None = None
     throttle: ProgressThrottle | None = None
     started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
-    raw: bytes | None = None  # the request's JSON as received, journaled as is
+    raw: bytes | bytearray | None = None  # the request's JSON as received, journaled as is
 
 
 class RequestTracker:
@@ -68,7 +68,7 @@ class RequestTracker:
 
     # -- arrival ----------------------------------------------------------------------
 
-    async def on_render(self, request: RenderRequest, raw: bytes | None = None) -> None:
+    async def on_render(self, request: RenderRequest, raw: bytes | bytearray | None = None) -> None:
         """Admit (or refuse) a request; ``raw`` is its JSON as received, if at hand."""
         rid = request.request_id
         active = self.active.get(rid)

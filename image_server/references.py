@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import io
+import os
 import threading
 import warnings
 from collections.abc import AsyncIterator, Sequence
@@ -90,6 +91,11 @@ def decode_base64_source(text: str, max_bytes: int) -> bytes:
     return data
 
 
+# Full decodes at once: one core fewer than the machine has, so ten 4096x4096 references
+# cannot take every core from the event loop (they still run in parallel on big machines).
+_DECODE_SLOTS = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) - 1))
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> ReferenceImage:
     """Validate encoded image bytes by decoding them fully; blocking (use a worker thread).
 
@@ -117,7 +123,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> ReferenceImage:
                 f"image is {width}x{height} ({width * height} pixels), over the limit of {max_pixels} pixels"
             )
         try:
-            image.load()  # verify() checks nothing for JPEG or WebP; only decoding finds truncation
+            with _DECODE_SLOTS:
+                image.load()  # verify() checks nothing for JPEG or WebP; only decoding finds truncation
         except Exception as exc:
             raise ReferenceImageError(f"image data is truncated or corrupt ({type(exc).__name__})") from exc
         native = NATIVE_FORMATS.get(image.format or "")

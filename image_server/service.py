@@ -50,14 +50,42 @@ logger = logging.getLogger(__name__)
 DECODE_IN_THREAD_BYTES = 256 * 1024
 
 
+# Image work (decoding references, drawing, encoding) runs on the default executor's threads
+# at this lower priority, so on a small machine the event loop's thread still gets a core
+# at once when it wakes: six 4096x4096 decodes on two cores otherwise delayed heartbeats by
+# 30-40 ms (benchmarks/README.md, figure 5). Throughput is unchanged when the loop is idle.
+WORKER_NICENESS = 10
+
+
+COPY_CHUNK_BYTES = 1024 * 1024
+
+
+def _as_bytes(frames: Sequence[zmq.Frame]) -> list[bytes | bytearray]:
+    """Copy received frames out of libzmq a megabyte at a time: one 40 MB copy holds the GIL
+    for ~17 ms, and the event loop's thread would wait for all of it."""
+    copies: list[bytes | bytearray] = []
+    for frame in frames:
+        view = memoryview(frame.buffer)
+        if len(view) <= COPY_CHUNK_BYTES:
+            copies.append(view.tobytes())
+            continue
+        copy = bytearray(len(view))
+        for start in range(0, len(view), COPY_CHUNK_BYTES):
+            copy[start : start + COPY_CHUNK_BYTES] = view[start : start + COPY_CHUNK_BYTES]
+        copies.append(copy)
+    return copies
+
+
 async def prestart_worker_threads() -> None:
-    """Start the default executor's threads now. Started on demand, each new thread made the
-    loop wait 8-19 ms for the GIL in the middle of a burst of image work (benchmarks/README.md)."""
+    """Start the default executor's threads now, at ``WORKER_NICENESS``. Started on demand,
+    each new thread made the loop wait 8-19 ms for the GIL in the middle of a burst."""
     loop = asyncio.get_running_loop()
     workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
     barrier = threading.Barrier(workers, timeout=5)
 
     def wait() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
         with contextlib.suppress(threading.BrokenBarrierError):
             barrier.wait()  # every thread blocks until all exist, so none is reused
 
@@ -227,8 +255,14 @@ class ImageService:
     async def _receive_loop(self) -> None:
         assert self._requests is not None
         while True:
-            frames = await self._requests.recv_multipart()
+            # copy=False: a big message is copied out of libzmq off the loop (see _as_bytes).
+            received = await self._requests.recv_multipart(copy=False)
             try:
+                size = sum(len(frame) for frame in received)
+                if size > DECODE_IN_THREAD_BYTES:
+                    frames: list[bytes | bytearray] = await asyncio.to_thread(_as_bytes, received)
+                else:
+                    frames = [frame.bytes for frame in received]
                 await self._on_frames(frames)
             except Exception:
                 # Never die on input: a bug handling one message must not stop the service.
@@ -267,7 +301,7 @@ class ImageService:
 
     # -- inbound ----------------------------------------------------------------------
 
-    async def _on_frames(self, frames: Sequence[bytes]) -> None:
+    async def _on_frames(self, frames: Sequence[bytes | bytearray]) -> None:
         self.counters["received"] += 1
         size = sum(len(f) for f in frames)
         if size > self.config.limits.max_message_bytes:

@@ -17,7 +17,7 @@ _KEYS = (b'"image_data"', b'"uri"')
 _WHITESPACE = b" \t\r\n"
 
 
-def _value_span(payload: bytes, after_key: int) -> tuple[int, int] | None:
+def _value_span(payload: bytes | bytearray, after_key: int) -> tuple[int, int] | None:
     """(start, end) of the string value following a key, or None if it is not a plain,
     escape-free string long enough to lift."""
     i = after_key
@@ -36,7 +36,7 @@ def _value_span(payload: bytes, after_key: int) -> tuple[int, int] | None:
     return i + 1, end
 
 
-def _lift(payload: bytes) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def _lift(payload: bytes | bytearray) -> tuple[bytes | bytearray, dict[str, tuple[int, int]]]:
     spans: list[tuple[int, int]] = []
     for key in _KEYS:
         position = payload.find(key)
@@ -49,7 +49,7 @@ def _lift(payload: bytes) -> tuple[bytes, dict[str, tuple[int, int]]]:
         return payload, {}
     spans.sort()
     nonce = secrets.token_hex(8)
-    pieces: list[bytes] = []
+    pieces: list[bytes | bytearray] = []
     lifted: dict[str, tuple[int, int]] = {}
     cursor = 0
     for index, (start, end) in enumerate(spans):
@@ -61,7 +61,7 @@ def _lift(payload: bytes) -> tuple[bytes, dict[str, tuple[int, int]]]:
     return b"".join(pieces), lifted
 
 
-def _restore(data: Any, payload: bytes, lifted: dict[str, tuple[int, int]]) -> int:
+def _restore(data: Any, payload: bytes | bytearray, lifted: dict[str, tuple[int, int]]) -> int:
     restored = 0
     stack = [data]
     while stack:
@@ -77,7 +77,7 @@ def _restore(data: Any, payload: bytes, lifted: dict[str, tuple[int, int]]) -> i
     return restored
 
 
-def loads(payload: bytes) -> Any:
+def loads(payload: bytes | bytearray) -> Any:
     """``json.loads`` with large base64 strings lifted out first (same result)."""
     if len(payload) < 4 * LIFT_MIN_BYTES:
         return json.loads(payload)

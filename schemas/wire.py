@@ -19,6 +19,8 @@ from schemas.messages import REQUEST_ID_PATTERN, Message
 
 MESSAGE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
 
+# Frames as they come: bytes, or a bytearray for a big frame copied out of libzmq in chunks.
+Buffer = bytes | bytearray | memoryview
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 _SNIFFED = {"request_id": _REQUEST_ID, "reply_to": _NAME}
@@ -45,8 +47,8 @@ class WireError(ValueError):
 class DecodedMessage:
     topic: str
     message: Any
-    blobs: Sequence[bytes] = field(default_factory=tuple)
-    payload: bytes = b""  # the JSON as received (journaled as is: no re-serialization)
+    blobs: Sequence[Buffer] = field(default_factory=tuple)
+    payload: bytes | bytearray = b""  # the JSON as received (journaled as is: no re-serialization)
 
 
 def event_topic(message_type: str, reply_to: str | None = None) -> str:
@@ -60,7 +62,7 @@ def encode_message(message: BaseModel, *, reply_to: str | None = None, blobs: Se
     return [event_topic(message_type, reply_to).encode("ascii"), message.model_dump_json().encode(), *blobs]
 
 
-def sniff_field(payload: bytes, name: str = "request_id") -> str | None:
+def sniff_field(payload: bytes | bytearray, name: str = "request_id") -> str | None:
     """Best effort: read a valid ``request_id`` or ``reply_to`` out of a message that failed
     to decode (invalid JSON, a schema violation, a truncated or oversized body)."""
     pattern = _SNIFFED[name]
@@ -76,17 +78,17 @@ def sniff_field(payload: bytes, name: str = "request_id") -> str | None:
     return value if value is not None and pattern.match(value) else None
 
 
-def sniff_request_id(payload: bytes) -> str | None:
+def sniff_request_id(payload: bytes | bytearray) -> str | None:
     return sniff_field(payload, "request_id")
 
 
-def _wire_error(reason: str, payload: bytes, topic: str | None = None) -> WireError:
+def _wire_error(reason: str, payload: bytes | bytearray, topic: str | None = None) -> WireError:
     return WireError(
         reason, request_id=sniff_request_id(payload), topic=topic, reply_to=sniff_field(payload, "reply_to")
     )
 
 
-def _split_single_frame(frame: bytes) -> tuple[str | None, bytes]:
+def _split_single_frame(frame: bytes | bytearray) -> tuple[str | None, bytes | bytearray]:
     stripped = frame.lstrip()
     if stripped.startswith(b"{"):
         return None, stripped
@@ -96,7 +98,7 @@ def _split_single_frame(frame: bytes) -> tuple[str | None, bytes]:
     return _decode_topic(topic, rest), rest
 
 
-def _decode_topic(raw: bytes, payload: bytes) -> str:
+def _decode_topic(raw: bytes | bytearray, payload: bytes | bytearray) -> str:
     try:
         topic = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -106,15 +108,22 @@ def _decode_topic(raw: bytes, payload: bytes) -> str:
     return topic
 
 
-def decode_frames(frames: Sequence[bytes]) -> DecodedMessage:
+def _as_bytes(frame: Buffer) -> bytes | bytearray:
+    # A bytearray (a big frame copied out of libzmq in chunks) is used as it is: copying it
+    # again into bytes would hold the GIL for the whole size. bytes and bytearray share the
+    # methods used here (find, slicing, json.loads).
+    return frame if isinstance(frame, bytes | bytearray) else bytes(frame)
+
+
+def decode_frames(frames: Sequence[Buffer]) -> DecodedMessage:
     """Decode one received message; raise ``WireError`` (with any readable request_id)."""
     if not frames:
         raise WireError("empty message")
     if len(frames) == 1:
-        topic, payload = _split_single_frame(bytes(frames[0]))
-        blobs: Sequence[bytes] = ()
+        topic, payload = _split_single_frame(_as_bytes(frames[0]))
+        blobs: Sequence[Buffer] = ()
     else:
-        payload = bytes(frames[1])
+        payload = _as_bytes(frames[1])
         topic = _decode_topic(bytes(frames[0]), payload)
         blobs = frames[2:]
     try:

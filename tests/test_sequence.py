@@ -34,12 +34,15 @@ async def test_events_dropped_at_the_high_water_mark_show_as_gaps(service_factor
             await peer.send(encode_message(StatusRequest(request_id="join")))
             async with asyncio.timeout(5):
                 await slow.recv_multipart()  # joined
-            # Make the service publish far more than the two buffers hold, reading nothing.
-            for index in range(3000):
-                await peer.send(encode_message(StatusRequest(request_id=f"s{index}")))
-            async with asyncio.timeout(10):
-                while service.counters["received"] < 3001:
-                    await asyncio.sleep(0.01)
+            # Make the service publish far more than the two buffers hold, reading nothing; in
+            # batches it takes in (its own receive queue would drop a flood too).
+            baseline = service.counters["received"]
+            async with asyncio.timeout(20):
+                for batch in range(30):
+                    for index in range(100):
+                        await peer.send(encode_message(StatusRequest(request_id=f"s{batch}-{index}")))
+                    while service.counters["received"] < baseline + 100 * (batch + 1):
+                        await asyncio.sleep(0.005)
             tracker = SeqTracker()
             received = 0
             while await slow.poll(200):
