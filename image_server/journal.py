@@ -203,10 +203,7 @@ class Journal:
             row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
             if row is None:
                 now = time.time()
-                conn.execute(
-                    "INSERT INTO requests (request_id, generator, request_json, accepted_at) VALUES (?, ?, ?, ?)",
-                    (request_id, generator, request_json, now),
-                )
+                _insert_request(conn, request_id, generator, request_json, now)
                 return Recorded(Admission.NEW, JournalEntry(request_id, generator, request_json, now), [])
             entry = JournalEntry(**dict(row))
             if entry.finished_at is None:
@@ -266,6 +263,31 @@ class Journal:
             return conn.execute("DELETE FROM requests WHERE finished_at < ?", (cutoff,)).rowcount
 
         return await self._call(op)
+
+
+BLOB_CHUNK_BYTES = 1024 * 1024
+
+
+def _insert_request(
+    conn: sqlite3.Connection, request_id: str, generator: str, body: str | bytes | bytearray, now: float
+) -> None:
+    """Insert a request row. A big body (megabytes of inline images) is written a megabyte at
+    a time through incremental blob I/O: binding it whole holds the GIL for the full copy."""
+    data = body.encode() if isinstance(body, str) else body
+    if len(data) <= BLOB_CHUNK_BYTES:
+        conn.execute(
+            "INSERT INTO requests (request_id, generator, request_json, accepted_at) VALUES (?, ?, ?, ?)",
+            (request_id, generator, data, now),
+        )
+        return
+    cursor = conn.execute(
+        "INSERT INTO requests (request_id, generator, request_json, accepted_at) VALUES (?, ?, zeroblob(?), ?)",
+        (request_id, generator, len(data), now),
+    )
+    view = memoryview(data)
+    with conn.blobopen("requests", "request_json", cursor.lastrowid or 0) as blob:
+        for start in range(0, len(view), BLOB_CHUNK_BYTES):
+            blob.write(view[start : start + BLOB_CHUNK_BYTES])
 
 
 def recent_entries(state_dir: Path, *, limit: int = 50) -> list[JournalEntry]:

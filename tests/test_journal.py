@@ -198,3 +198,13 @@ async def test_a_journal_that_cannot_record_refuses_instead_of_stranding(service
         else:
             raise AssertionError("a request that was never journaled must not succeed")
         assert "no-journal" not in service.active
+
+
+async def test_a_big_request_body_is_stored_whole(tmp_path):
+    from image_server.journal import BLOB_CHUNK_BYTES
+
+    body = b'{"request_id": "big", "prompt": "p", "metadata": {"pad": "' + b"x" * (3 * BLOB_CHUNK_BYTES + 17) + b'"}}'
+    async with Journal(tmp_path) as journal:
+        await journal.admit("big", "mock", body)
+        (entry,) = await journal.unfinished()
+    assert bytes(entry.request_json) == body
