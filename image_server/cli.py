@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import logging.config
+import logging.handlers
 import os
+import queue
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +62,18 @@ def _setup_logging(level: str) -> None:
             "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
         }
     )
+    _write_logs_on_a_thread()
+
+
+def _write_logs_on_a_thread() -> None:
+    """Writing a log line is file I/O; the event loop only queues the record, a listener
+    thread writes it (logging.handlers' QueueHandler/QueueListener)."""
+    root = logging.getLogger()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *root.handlers, respect_handler_level=True)
+    root.handlers = [logging.handlers.QueueHandler(records)]
+    listener.start()
+    atexit.register(listener.stop)  # flushes what is queued before the process exits
 
 
 def build_parser() -> argparse.ArgumentParser:
