@@ -97,7 +97,6 @@ class RenderJob:
     request: RenderRequest
     references: list[ReferenceImage] = field(default_factory=list)
     depth_map: ReferenceImage | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
     attempt: int = 1
     progress: ProgressCallback = field(default=lambda fraction, message: None)
 

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
-from pydantic import ValidationError
 
-from image_server.errors import GeneratorUnavailable, InvalidRequest
+from image_server.errors import GeneratorUnavailable
 from image_server.generators.base import (
     Capabilities,
     GenerationResult,
@@ -89,11 +88,11 @@ class FalGenerator(Generator):
         self._http = httpx.AsyncClient(timeout=self.config.download_timeout_s, follow_redirects=True)
 
     async def generate(self, job: RenderJob) -> GenerationResult:
-        """Render one job. Raises ``Unsupported``, ``InvalidRequest``, ``ContentPolicy``, ``RateLimited``,
+        """Render one job. Raises ``Unsupported``, ``ContentPolicy``, ``RateLimited``,
         ``GenerationFailed`` or ``GenerationTimeout``; a cancellation also cancels the fal request."""
         client, http = self._require_open()
         request = job.request
-        config = self._effective_config(job)
+        config = self.config
         ignored = check_request(config.spec.capabilities(), request, self.name)
         rid = request.request_id
         image_url = upload_mode = None
@@ -171,21 +170,6 @@ class FalGenerator(Generator):
         if self._client is None or self._http is None:
             raise RuntimeError(f"generator {self.name!r} is not open; use 'async with generator:'")
         return self._client, self._http
-
-    def _effective_config(self, job: RenderJob) -> FalConfig:
-        """Apply the request's overridable knobs (the manager refuses any others)."""
-        overrides = {k: v for k, v in job.overrides.items() if k in FalConfig.OVERRIDABLE}
-        if not overrides:
-            return self.config
-        try:
-            return FalConfig.model_validate({**self.config.model_dump(), **overrides})
-        except ValidationError as exc:
-            reasons = "; ".join(str(e["msg"]) for e in exc.errors(include_url=False, include_input=False))
-            raise InvalidRequest(
-                f"generator_config for {self.name!r} is invalid: {reasons}",
-                request_id=job.request.request_id,
-                generator=self.name,
-            ) from exc
 
     async def _reference_url(
         self, client: fal_client.AsyncClient, config: FalConfig, reference: ReferenceImage

@@ -27,6 +27,7 @@ from image_server.generators.fal import FalConfig, FalGenerator
 from image_server.generators.fal_arguments import map_steps
 from image_server.generators.fal_spec import KNOWN_ENDPOINTS, EndpointSpec
 from image_server.generators.registry import validate_generator_config
+from image_server.manager import GeneratorManager
 from schemas import RenderRequest
 from tests.fakes.fal import FakeError, FakeFal, serve_fal
 
@@ -48,13 +49,12 @@ def make_generator(fake: FakeFal, endpoint: str = LIGHTNING, *, key: str | None 
     return FalGenerator(config, name="falai", environ={"FAL_KEY": fake.scenario.key if key is None else key})
 
 
-def make_job(*, references: list[ReferenceImage] | None = None, overrides=None, **fields) -> tuple[RenderJob, list]:
+def make_job(*, references: list[ReferenceImage] | None = None, **fields) -> tuple[RenderJob, list]:
     events: list[tuple[float | None, str | None]] = []
     request = RenderRequest(request_id="r-1", prompt=fields.pop("prompt", "a red fox"), **fields)
     job = RenderJob(
         request=request,
         references=references or [],
-        overrides=overrides or {},
         progress=lambda fraction, message: events.append((fraction, message)),
     )
     return job, events
@@ -176,15 +176,29 @@ async def test_url_delivery_passes_urls_through(fake):
     assert not fake.requests("GET", "/files/")
 
 
+def fal_manager(fake: FakeFal) -> GeneratorManager:
+    """Overrides reach a generator through the manager, which builds a config per override set."""
+    config = FalConfig(endpoint=LIGHTNING, poll_interval_s=0.01)
+    return GeneratorManager(
+        {"falai": config},
+        default="falai",
+        factory=lambda name, cfg: FalGenerator(cfg, name=name, environ={"FAL_KEY": fake.scenario.key}),
+    )
+
+
 async def test_request_overrides_apply_only_overridable_knobs(fake):
-    job, _ = make_job(overrides={"num_inference_steps": 2, "endpoint": "evil/model"})
-    result = await render(make_generator(fake), job)
+    manager = fal_manager(fake)
+    with pytest.raises(InvalidRequest, match="endpoint"):
+        manager.validate_overrides("falai", {"num_inference_steps": 2, "endpoint": "evil/model"})
+    async with manager:
+        result = await manager.generate("falai", make_job(generator_config={"num_inference_steps": 2})[0])
     assert submitted(fake)["num_inference_steps"] == "2" and result.applied["endpoint"] == LIGHTNING
 
 
 async def test_invalid_override_is_invalid_request(fake):
-    with pytest.raises(InvalidRequest):
-        await render(make_generator(fake), make_job(overrides={"guidance_scale": 2.0})[0])
+    async with fal_manager(fake) as manager:
+        with pytest.raises(InvalidRequest):
+            await manager.generate("falai", make_job(generator_config={"guidance_scale": 2.0})[0])
     assert not fake.jobs
 
 
