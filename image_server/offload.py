@@ -1,0 +1,56 @@
+"""Keeping heavy work off the event loop's thread: worker threads and big received frames."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Sequence
+
+import zmq
+
+# Messages bigger than this are decoded on a worker thread: parsing megabytes of inline
+# base64 JSON would otherwise stall the loop (and every heartbeat) for tens of ms.
+DECODE_IN_THREAD_BYTES = 256 * 1024
+
+# Image work (decoding references, drawing, encoding) runs on the default executor's threads
+# at this lower priority, so on a small machine the event loop's thread still gets a core
+# at once when it wakes: six 4096x4096 decodes on two cores otherwise delayed heartbeats by
+# 30-40 ms (benchmarks/README.md, figure 5). Throughput is unchanged when the loop is idle.
+WORKER_NICENESS = 10
+
+
+COPY_CHUNK_BYTES = 1024 * 1024
+
+
+def as_bytes_in_chunks(frames: Sequence[zmq.Frame]) -> list[bytes | bytearray]:
+    """Copy received frames out of libzmq a megabyte at a time: one 40 MB copy holds the GIL
+    for ~17 ms, and the event loop's thread would wait for all of it."""
+    copies: list[bytes | bytearray] = []
+    for frame in frames:
+        view = memoryview(frame.buffer)
+        if len(view) <= COPY_CHUNK_BYTES:
+            copies.append(view.tobytes())
+            continue
+        copy = bytearray(len(view))
+        for start in range(0, len(view), COPY_CHUNK_BYTES):
+            copy[start : start + COPY_CHUNK_BYTES] = view[start : start + COPY_CHUNK_BYTES]
+        copies.append(copy)
+    return copies
+
+
+async def prestart_worker_threads() -> None:
+    """Start the default executor's threads now, at ``WORKER_NICENESS``. Started on demand,
+    each new thread made the loop wait 8-19 ms for the GIL in the middle of a burst."""
+    loop = asyncio.get_running_loop()
+    workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
+    barrier = threading.Barrier(workers, timeout=5)
+
+    def wait() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait()  # every thread blocks until all exist, so none is reused
+
+    await asyncio.gather(*(loop.run_in_executor(None, wait) for _ in range(workers)))
