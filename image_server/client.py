@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -178,18 +178,24 @@ class RenderClient:
     # -- requests ---------------------------------------------------------------------
 
     async def render(
-        self, request: RenderRequest | None = None, *, timeout: float = 120.0, **fields: Any
+        self,
+        request: RenderRequest | None = None,
+        *,
+        timeout: float = 120.0,
+        images: Sequence[bytes] = (),
+        **fields: Any,
     ) -> RenderResult:
         """Send a request (or build one from ``fields``) and return its ``RenderResult``.
 
-        Raises ``RenderFailed`` on a ``RenderError`` and ``TimeoutError`` when no terminal
-        event arrives within ``timeout`` seconds.
+        ``images`` travel raw as the message's extra frames; refer to them from the request
+        with ``ImageSource(frame=i)``. Raises ``RenderFailed`` on a ``RenderError`` and
+        ``TimeoutError`` when no terminal event arrives within ``timeout`` seconds.
         """
         if request is None:
             fields.setdefault("request_id", uuid.uuid4().hex)
             request = RenderRequest(**fields)
         request = request.model_copy(update={"reply_to": self.client_id})
-        frames = encode_message(request)
+        frames = encode_message(request, blobs=images)
         size = sum(len(f) for f in frames)
         if size > self.max_message_bytes:
             raise MessageTooLarge(

@@ -40,6 +40,12 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_unfinished ON requests(accepted_at) WHERE finished_at IS NULL;
 CREATE INDEX IF NOT EXISTS requests_finished ON requests(finished_at);
+CREATE TABLE IF NOT EXISTS request_frames (   -- images a request sent as extra frames
+    request_id TEXT NOT NULL,
+    idx        INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (request_id, idx)
+);
 CREATE TABLE IF NOT EXISTS blobs (
     request_id TEXT NOT NULL,
     idx        INTEGER NOT NULL,
@@ -196,14 +202,25 @@ class Journal:
 
     # -- operations -------------------------------------------------------------------
 
-    async def admit(self, request_id: str, generator: str, request_json: str | bytes | bytearray) -> Recorded:
-        """Record a new request, or say what the journal already knows about it."""
+    async def admit(
+        self,
+        request_id: str,
+        generator: str,
+        request_json: str | bytes | bytearray,
+        frames: Sequence[bytes | bytearray] = (),
+    ) -> Recorded:
+        """Record a new request (with the image frames it sent, needed to resume it), or say
+        what the journal already knows about it."""
 
         def op(conn: sqlite3.Connection) -> Recorded:
             row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
             if row is None:
                 now = time.time()
                 _insert_request(conn, request_id, generator, request_json, now)
+                conn.executemany(
+                    "INSERT OR REPLACE INTO request_frames (request_id, idx, data) VALUES (?, ?, ?)",
+                    [(request_id, index, frame) for index, frame in enumerate(frames)],
+                )
                 return Recorded(Admission.NEW, JournalEntry(request_id, generator, request_json, now), [])
             entry = JournalEntry(**dict(row))
             if entry.finished_at is None:
@@ -235,12 +252,22 @@ class Journal:
             )
             if updated.rowcount == 0:
                 return  # already finished (or never admitted): the stored event stands
+            conn.execute("DELETE FROM request_frames WHERE request_id = ?", (request_id,))
             conn.executemany(
                 "INSERT OR REPLACE INTO blobs (request_id, idx, data) VALUES (?, ?, ?)",
                 [(request_id, i, blob) for i, blob in enumerate(blobs)],
             )
 
         await self._call(op)
+
+    async def request_frames(self, request_id: str) -> list[bytes]:
+        """The image frames an unfinished request arrived with, in order."""
+
+        def op(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute("SELECT data FROM request_frames WHERE request_id = ? ORDER BY idx", (request_id,))
+            return [bytes(row["data"]) for row in rows]
+
+        return await self._call(op)
 
     async def unfinished(self) -> list[JournalEntry]:
         """Accepted requests without a terminal record, oldest first."""

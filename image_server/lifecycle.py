@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from image_server.config import LimitsConfig
-from image_server.errors import Cancelled, ImageServerError, Overloaded, Superseded
+from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Overloaded, Superseded
 from image_server.journal import Admission as Recorded, Journal
 from image_server.outcomes import error_event
 from image_server.pipeline import Admission, RenderPipeline
@@ -38,6 +38,7 @@ class Active:
     throttle: ProgressThrottle | None = None
     started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
     raw: bytes | bytearray | None = None  # the request's JSON as received, journaled as is
+    frames: Sequence[bytes | bytearray] = ()  # images sent as extra frames (ImageSource.frame)
 
 
 class RequestTracker:
@@ -68,8 +69,11 @@ class RequestTracker:
 
     # -- arrival ----------------------------------------------------------------------
 
-    async def on_render(self, request: RenderRequest, raw: bytes | bytearray | None = None) -> None:
-        """Admit (or refuse) a request; ``raw`` is its JSON as received, if at hand."""
+    async def on_render(
+        self, request: RenderRequest, raw: bytes | bytearray | None = None, frames: Sequence[bytes | bytearray] = ()
+    ) -> None:
+        """Admit (or refuse) a request; ``raw`` is its JSON as received, if at hand, and
+        ``frames`` the message's extra frames."""
         rid = request.request_id
         active = self.active.get(rid)
         if active is not None:
@@ -79,6 +83,12 @@ class RequestTracker:
                 await self._publish_accepted(active)
             return
         try:
+            missing = sorted(index for index in request.frames_used() if index >= len(frames))
+            if missing:
+                raise InvalidRequest(
+                    f"image frame(s) {missing} not in the message: it has {len(frames)} extra frame(s)",
+                    request_id=rid,
+                )
             admission = self.pipeline.admit(request)
             self._check_capacity(request)
         except ImageServerError as exc:
@@ -88,7 +98,7 @@ class RequestTracker:
                 error_event(exc, request, generator=request.generator), reply_to=request.reply_to
             )
             return
-        active = Active(request, admission.generator, time.perf_counter(), raw=raw)
+        active = Active(request, admission.generator, time.perf_counter(), raw=raw, frames=frames)
         self._track(active)
         active.task = asyncio.create_task(self._admit_and_run(active, admission), name=f"render:{rid}")
 
@@ -114,7 +124,7 @@ class RequestTracker:
                 # loop for tens of ms; the bytes as received say the same.
                 request_json = active.raw if active.raw is not None else request.model_dump_json().encode()
                 active.raw = None
-                recorded = await self.journal.admit(request.request_id, active.generator, request_json)
+                recorded = await self.journal.admit(request.request_id, active.generator, request_json, active.frames)
             except asyncio.CancelledError:
                 if active.end_reason is None:
                     raise
@@ -224,6 +234,7 @@ class RequestTracker:
                 request,
                 admission,
                 received_at=active.received_at,
+                frames=active.frames,
                 progress=lambda stage, fraction, message, position: self._progress(
                     active, stage, fraction, message, position
                 ),
@@ -300,7 +311,8 @@ class RequestTracker:
             return
         for entry in await self.journal.unfinished():
             request = RenderRequest.model_validate_json(entry.request_json)
-            active = Active(request, entry.generator, time.perf_counter(), accepted=True)
+            frames = await self.journal.request_frames(request.request_id) if request.frames_used() else []
+            active = Active(request, entry.generator, time.perf_counter(), accepted=True, frames=frames)
             self._track(active)
             try:
                 admission = self.pipeline.admit(request)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +115,13 @@ class RenderPipeline:
         *,
         received_at: float | None = None,
         progress: ProgressSink = _ignore_progress,
+        frames: Sequence[bytes | bytearray] = (),
     ) -> RenderOutcome:
+        """Render ``request``; ``frames`` are the message's extra frames (images sent raw)."""
         timer = _Timer(time.perf_counter() if received_at is None else received_at)
         try:
             async with asyncio.timeout(request.timeout_s):
-                return await self._run(request, admission, timer, progress)
+                return await self._run(request, admission, timer, progress, frames)
         except TimeoutError as exc:
             if isinstance(exc, ImageServerError):
                 raise
@@ -130,7 +132,12 @@ class RenderPipeline:
             ) from exc
 
     async def _run(
-        self, request: RenderRequest, admission: Admission, timer: _Timer, progress: ProgressSink
+        self,
+        request: RenderRequest,
+        admission: Admission,
+        timer: _Timer,
+        progress: ProgressSink,
+        frames: Sequence[bytes | bytearray],
     ) -> RenderOutcome:
         references: tuple[list[ReferenceImage], ReferenceImage | None] | None = None
 
@@ -145,7 +152,9 @@ class RenderPipeline:
                 progress("started", None, name if number > 1 else None, None)
                 if references is None:
                     normalize_start = time.perf_counter()
-                    references = await normalize_request_references(request, self.references, client=self.http_client)
+                    references = await normalize_request_references(
+                        request, self.references, client=self.http_client, frames=frames
+                    )
                     timer.normalize_s = time.perf_counter() - normalize_start
                 job = RenderJob(request, references[0], references[1], attempt=number, progress=on_generator_progress)
                 overrides = request.generator_config if name == admission.chain[0] else {}

@@ -161,7 +161,22 @@ def _decode_file_sync(uri: str, config: ReferencesConfig) -> ReferenceImage:
     return decode_image(read_file_reference(uri, config), max_pixels=config.max_pixels)
 
 
-async def _load(source: ImageSource, config: ReferencesConfig, client: httpx.AsyncClient | None) -> ReferenceImage:
+def _decode_frame_sync(data: bytes | bytearray, config: ReferencesConfig) -> ReferenceImage:
+    if len(data) > config.max_bytes:
+        raise ReferenceImageError(f"image frame is larger than the limit of {config.max_bytes} bytes")
+    return decode_image(bytes(data), max_pixels=config.max_pixels)
+
+
+async def _load(
+    source: ImageSource,
+    config: ReferencesConfig,
+    client: httpx.AsyncClient | None,
+    frames: Sequence[bytes | bytearray] = (),
+) -> ReferenceImage:
+    if source.frame is not None:
+        if source.frame >= len(frames):
+            raise ReferenceImageError(f"frame {source.frame} is not in the message ({len(frames)} extra frames)")
+        return await asyncio.to_thread(_decode_frame_sync, frames[source.frame], config)
     if source.image_data is not None:
         return await asyncio.to_thread(_decode_base64_sync, source.image_data, config)
     scheme = _scheme(source)
@@ -182,6 +197,7 @@ async def normalize_reference(
     *,
     client: httpx.AsyncClient | None = None,
     label: str = "reference image",
+    frames: Sequence[bytes | bytearray] = (),
 ) -> ReferenceImage:
     """Fetch, check and decode one source. Raises ``ReferenceImageError`` prefixed by ``label``.
 
@@ -189,7 +205,7 @@ async def normalize_reference(
     settings from the environment (a proxy would make the address checks moot).
     """
     try:
-        return await _load(source, config, client)
+        return await _load(source, config, client, frames)
     except ReferenceImageError as exc:
         raise ReferenceImageError(f"{label}: {exc.message}") from exc
 
@@ -206,14 +222,17 @@ async def _shared_client(
 
 
 async def _normalize_labelled(
-    items: Sequence[tuple[str, ImageSource]], config: ReferencesConfig, client: httpx.AsyncClient | None
+    items: Sequence[tuple[str, ImageSource]],
+    config: ReferencesConfig,
+    client: httpx.AsyncClient | None,
+    frames: Sequence[bytes | bytearray] = (),
 ) -> list[ReferenceImage]:
     """All sources at once; the first failure cancels the rest and is raised."""
     if not items:
         return []
     async with _shared_client(client, [source for _, source in items]) as shared:
         tasks = [
-            asyncio.ensure_future(normalize_reference(source, config, client=shared, label=label))
+            asyncio.ensure_future(normalize_reference(source, config, client=shared, label=label, frames=frames))
             for label, source in items
         ]
         try:
@@ -239,7 +258,11 @@ async def normalize_references(
 
 
 async def normalize_request_references(
-    request: RenderRequest, config: ReferencesConfig, *, client: httpx.AsyncClient | None = None
+    request: RenderRequest,
+    config: ReferencesConfig,
+    *,
+    client: httpx.AsyncClient | None = None,
+    frames: Sequence[bytes | bytearray] = (),
 ) -> tuple[list[ReferenceImage], ReferenceImage | None]:
     """(the images of ``request.all_references()``, the depth map or None), fetched together.
 
@@ -249,7 +272,7 @@ async def normalize_request_references(
     if request.depth_map is not None:
         items.append(("depth map", request.depth_map))
     try:
-        images = await _normalize_labelled(items, config, client)
+        images = await _normalize_labelled(items, config, client, frames)
     except ReferenceImageError as exc:
         exc.request_id = request.request_id
         raise

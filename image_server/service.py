@@ -279,7 +279,8 @@ class ImageService:
             return
         message = decoded.message
         if isinstance(message, RenderRequest):
-            await self.requests.on_render(message, raw=decoded.payload)
+            frames = [blob if isinstance(blob, bytes | bytearray) else bytes(blob) for blob in decoded.blobs]
+            await self.requests.on_render(message, raw=decoded.payload, frames=frames)
         elif isinstance(message, CancelRequest):
             await self._on_cancel(message)
         elif isinstance(message, StatusRequest):

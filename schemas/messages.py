@@ -58,21 +58,24 @@ class _Outbound(BaseModel):
 
 
 class ImageSource(_Inbound):
-    """A reference image: exactly one of ``uri`` or ``image_data``.
+    """A reference image: exactly one of ``uri``, ``image_data`` or ``frame``.
 
     ``uri`` is ``file://`` (only under the service's allowed roots), ``http(s)://`` (public
     addresses only unless the service allows private ones) or ``data:``. ``image_data`` is
-    base64, with or without a ``data:image/...;base64,`` prefix. Size and pixel caps are the
-    service's (see config ``[references]``).
+    base64, with or without a ``data:image/...;base64,`` prefix. ``frame`` is the index of
+    the image's raw bytes among the message's extra frames (``[topic, json, *blobs]``): the
+    cheapest way to send big images, with no base64 and nothing for a JSON parser to wade
+    through. Size and pixel caps are the service's (see config ``[references]``).
     """
 
     uri: str | None = Field(default=None, max_length=64 * 1024 * 1024)
     image_data: str | None = None
+    frame: int | None = Field(default=None, ge=0, le=63)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageSource:
-        if (self.uri is None) == (self.image_data is None):
-            raise ValueError("an ImageSource needs exactly one of 'uri' or 'image_data'")
+        if sum(value is not None for value in (self.uri, self.image_data, self.frame)) != 1:
+            raise ValueError("an ImageSource needs exactly one of 'uri', 'image_data' or 'frame'")
         return self
 
 
@@ -120,6 +123,11 @@ class RenderRequest(_Inbound):
         if len(self.all_references()) > MAX_REFERENCE_IMAGES:
             raise ValueError(f"at most {MAX_REFERENCE_IMAGES} reference images in all")
         return self
+
+    def frames_used(self) -> set[int]:
+        """Indexes of the extra frames this request's images refer to."""
+        sources = [*self.all_references(), *([self.depth_map] if self.depth_map else [])]
+        return {source.frame for source in sources if source.frame is not None}
 
     def all_references(self) -> list[ImageSource]:
         """``reference_image`` (if any) followed by ``reference_images``."""
