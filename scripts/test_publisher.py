@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import statistics
 import sys
 import time
@@ -46,10 +45,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def reference_source(value: str) -> ImageSource:
-    if "://" in value or value.startswith("data:"):
-        return ImageSource(uri=value)
-    return ImageSource(image_data=base64.b64encode(Path(value).read_bytes()).decode())
+def reference_sources(values: list[str]) -> tuple[list[ImageSource], list[bytes]]:
+    """URIs go as they are; local files travel as raw extra frames (no base64)."""
+    sources: list[ImageSource] = []
+    images: list[bytes] = []
+    for value in values:
+        if "://" in value or value.startswith("data:"):
+            sources.append(ImageSource(uri=value))
+        else:
+            sources.append(ImageSource(frame=len(images)))
+            images.append(Path(value).read_bytes())
+    return sources, images
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,7 +64,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
-    references = [reference_source(value) for value in args.reference]
+    references, images = reference_sources(args.reference)
     latencies: list[float] = []
     failures: list[str] = []
     semaphore = asyncio.Semaphore(args.concurrency)
@@ -88,7 +94,7 @@ async def run(args: argparse.Namespace) -> int:
                 async with semaphore:
                     started = time.perf_counter()
                     try:
-                        result = await client.render(request, timeout=args.timeout)
+                        result = await client.render(request, timeout=args.timeout, images=images)
                         latencies.append((time.perf_counter() - started) * 1000)
                         console.log(f"{request.request_id}: {result.event.uri}")
                     except RenderFailed as exc:
