@@ -208,3 +208,11 @@ async def test_a_big_request_body_is_stored_whole(tmp_path):
         await journal.admit("big", "mock", body)
         (entry,) = await journal.unfinished()
     assert bytes(entry.request_json) == body
+
+
+async def test_recent_entries_with_a_relative_state_dir(tmp_path, monkeypatch):
+    # The shipped config says state_dir = "state": `image-server jobs` must work with it.
+    monkeypatch.chdir(tmp_path)
+    async with Journal(Path("state")) as journal:
+        await journal.admit("rel-1", "mock", b'{"request_id": "rel-1", "prompt": "p"}')
+    assert [entry.request_id for entry in recent_entries(Path("state"))] == ["rel-1"]
