@@ -167,6 +167,7 @@ class ImageService:
                 logger.warning("%d request(s) unfinished at shutdown", len(pending))
                 await asyncio.gather(*pending, return_exceptions=True)
         await self._stack.aclose()
+        logger.info("stopped")
 
     async def __aenter__(self) -> ImageService:
         await self.start()
