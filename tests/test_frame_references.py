@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 
 import pytest
 from PIL import Image
@@ -11,12 +10,11 @@ from PIL import Image
 from image_server.client import RenderFailed
 from image_server.journal import Journal, recent_entries
 from schemas import ImageReady, ImageSource, RenderRequest
+from tests.fakes.images import solid_bytes
 
 
 def png(color: tuple[int, int, int], size: int = 64) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, "PNG")
-    return buffer.getvalue()
+    return solid_bytes(color, (size, size))
 
 
 def mean_color(path: str | None) -> tuple[int, ...]:

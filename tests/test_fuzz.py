@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -53,6 +52,7 @@ from schemas import (
     encode_message,
 )
 from tests.conftest import RawPeer, make_config
+from tests.fakes.images import solid_bytes
 
 FUZZ = settings(
     # FUZZ_EXAMPLES=5000 for a deeper search; the default keeps the suite fast.
@@ -68,9 +68,7 @@ REQUEST_FIELDS = sorted(RenderRequest.model_fields)
 
 
 def tiny_png(color: tuple[int, int, int], side: int = 8) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (side, side), color).save(buffer, "PNG")
-    return buffer.getvalue()
+    return solid_bytes(color, (side, side))
 
 
 # -- strategies: frames and JSON ---------------------------------------------------------------

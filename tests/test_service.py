@@ -30,12 +30,11 @@ from schemas import (
     decode_frames,
     encode_message,
 )
+from tests.fakes.images import solid_bytes
 
 
 def png_data_uri(color: tuple[int, int, int], size: int = 64) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(solid_bytes(color, (size, size))).decode()
 
 
 async def test_text_to_image_file_delivery(service_factory, client_for):

@@ -7,7 +7,6 @@ generator's ``base_url`` at ``fake.base_url`` and pass ``environ=fake.environ``.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import threading
@@ -15,8 +14,7 @@ from contextlib import ExitStack
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from PIL import Image
-
+from tests.fakes.images import solid_bytes
 from tests.fakes.server import JSONHandler, RecordedRequest, Recorder, serve_in_thread
 
 Scenario = Literal[
@@ -40,9 +38,7 @@ SCHEMA_ERROR = 5006  # "invalid input" for schema violations (code as commonly r
 
 def tiny_image(fmt: str = "jpeg", size: tuple[int, int] = (8, 8)) -> bytes:
     """A real, decodable image made in memory."""
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (30, 90, 200)).save(buffer, format=fmt.upper())
-    return buffer.getvalue()
+    return solid_bytes((30, 90, 200), size, fmt)
 
 
 def envelope(result: Any = None, errors: list[tuple[int, str]] | None = None) -> dict[str, Any]:

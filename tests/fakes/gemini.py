@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
+from tests.fakes.images import solid_bytes
 from tests.fakes.server import JSONHandler, RecordedRequest, Recorder, serve_in_thread
 
 Scenario = Literal[
@@ -43,9 +44,7 @@ STATUS_NAMES |= {500: "INTERNAL", 503: "UNAVAILABLE"}
 
 def tiny_image(fmt: str = "png", size: tuple[int, int] = (8, 8)) -> bytes:
     """A real, decodable image made in memory."""
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 60, 30)).save(buffer, format=fmt.upper())
-    return buffer.getvalue()
+    return solid_bytes((200, 60, 30), size, fmt)
 
 
 class FakeGemini:

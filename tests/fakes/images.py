@@ -40,6 +40,12 @@ def noise(size: tuple[int, int] = (64, 64)) -> Image.Image:
     return Image.merge("RGB", (channel, channel.rotate(90), channel.rotate(180)))
 
 
+def solid_bytes(color: tuple[int, int, int], size: tuple[int, int] = (8, 8), fmt: str = "png") -> bytes:
+    """A small, real, decodable image of one colour, encoded as ``fmt``: the one helper every
+    fake server and test uses for image bytes."""
+    return encode(solid(size, color), fmt.upper())
+
+
 def png_bytes(size: tuple[int, int] = (32, 24), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     return encode(solid(size, color), "PNG")
 

@@ -7,7 +7,6 @@ errors (``fake.fail_next(rate_limited("7"))``), slowness (``delay_s``) and malfo
 from __future__ import annotations
 
 import base64
-import io
 import itertools
 import json
 import re
@@ -19,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tests.fakes.images import solid_bytes
 from tests.fakes.multipart import UploadedFile, parse_multipart
 from tests.fakes.server import JSONHandler, RecordedRequest, serve_in_thread
 
@@ -195,13 +195,9 @@ def validate_images_request(params: dict[str, Any], *, edit: bool, images: list[
 
 def tiny_image(size: str, fmt: str = "png", shade: int = 0) -> bytes:
     """A real image 1/128 of ``size`` per side (8x12 for 1024x1536); 8x8 for ``auto``."""
-    from PIL import Image
-
     match = re.fullmatch(r"(\d+)x(\d+)", size)
     width, height = (max(1, int(match[1]) // 128), max(1, int(match[2]) // 128)) if match else (8, 8)
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (40 * shade % 256, 120, 200)).save(buffer, format=fmt.upper())
-    return buffer.getvalue()
+    return solid_bytes((40 * shade % 256, 120, 200), (width, height), fmt)
 
 
 class _Handler(JSONHandler):
