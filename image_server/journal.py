@@ -70,7 +70,7 @@ class JournalEntry:
     finished_at: float | None = None
     outcome: str | None = None
     code: str | None = None
-    terminal: str | None = None
+    terminal: str | bytes | None = None
     total_ms: float | None = None
 
 
@@ -238,7 +238,7 @@ class Journal:
         request_id: str,
         outcome: str,
         code: str | None,
-        terminal_json: str,
+        terminal_json: str | bytes,
         blobs: Sequence[bytes] = (),
         total_ms: float | None = None,
     ) -> None:

@@ -294,14 +294,15 @@ class RequestTracker:
             self.counters["failed"] += 1
             logger.info("! %s %s: %s", rid, event.code, event.message)
         stamped = self.publisher.stamp(event)
+        body = stamped.model_dump_json().encode()  # once: journaled and published as the same bytes
         if self.journal is not None:
             total = stamped.timings.total if isinstance(stamped, ImageReady) else None
             code = stamped.code if isinstance(stamped, RenderError) else None
             try:
-                await self.journal.finish(rid, stamped.type, code, stamped.model_dump_json(), blobs, total)
+                await self.journal.finish(rid, stamped.type, code, body, blobs, total)
             except Exception:
                 logger.exception("journaling the terminal event of %s failed; publishing it anyway", rid)
-        await self.publisher.send(stamped, reply_to=request.reply_to, blobs=blobs)
+        await self.publisher.send(stamped, reply_to=request.reply_to, blobs=blobs, body=body)
 
     # -- after a restart --------------------------------------------------------------
 

@@ -44,10 +44,13 @@ class EventPublisher:
         self.published += 1
         sent.add_done_callback(_log_send_failure)
 
-    async def send(self, event: BaseModel, *, reply_to: str | None = None, blobs: Sequence[bytes] = ()) -> None:
-        """Send an already stamped event (a stored terminal event is re-sent unchanged)."""
+    async def send(
+        self, event: BaseModel, *, reply_to: str | None = None, blobs: Sequence[bytes] = (), body: bytes | None = None
+    ) -> None:
+        """Send an already stamped event; ``body`` is its JSON when the caller has it already
+        (a terminal event is serialized once, for the journal and the socket alike)."""
         topic = event_topic(type(event).model_fields["type"].default, reply_to).encode("ascii")
-        frames = [topic, event.model_dump_json().encode(), *blobs]
+        frames = [topic, body if body is not None else event.model_dump_json().encode(), *blobs]
         # copy=False pays off for large frames (1.5-2.3x measured); small ones are copied anyway.
         await self.socket.send_multipart(frames, copy=not blobs)
         self.published += 1
