@@ -8,7 +8,6 @@ per batch, and the event loop never waits on the disk.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import sqlite3
@@ -328,8 +327,3 @@ def recent_entries(state_dir: Path, *, limit: int = 50) -> list[JournalEntry]:
         return [JournalEntry(**dict(row)) for row in rows]
     finally:
         conn.close()
-
-
-def decode_request_json(entry: JournalEntry) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(entry.request_json)
-    return data

@@ -4,13 +4,14 @@ commit on the writer thread, cancellation, WAL mode and the read-only reader."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from image_server.journal import JOURNAL_FILE, Admission, Journal, connect, decode_request_json, recent_entries
+from image_server.journal import JOURNAL_FILE, Admission, Journal, connect, recent_entries
 from schemas import RenderRequest
 
 
@@ -23,13 +24,13 @@ async def test_admit_new_then_in_flight_then_finished_with_blobs(tmp_path: Path)
         first = await journal.admit("j-1", "mock", request_json("j-1", seed=7))
         assert first.admission is Admission.NEW and first.blobs == []
         assert first.entry.generator == "mock" and first.entry.finished_at is None
-        assert decode_request_json(first.entry)["seed"] == 7
+        assert json.loads(first.entry.request_json)["seed"] == 7
 
         again = await journal.admit("j-1", "other", request_json("j-1", seed=8))
         assert again.admission is Admission.IN_FLIGHT
         # The first recording wins: a repeat never rewrites what was accepted.
         assert again.entry.generator == "mock" and again.entry.accepted_at == first.entry.accepted_at
-        assert decode_request_json(again.entry)["seed"] == 7
+        assert json.loads(again.entry.request_json)["seed"] == 7
 
         await journal.finish("j-1", "ImageReady", None, '{"type": "ImageReady"}', [b"\x89PNG one", b"two"], 12.5)
         done = await journal.admit("j-1", "mock", request_json("j-1"))
