@@ -20,8 +20,8 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from image_server.formats import image_format_of
 from image_server.generators.base import GeneratedImage
-from image_server.generators.http import image_format_of
 from image_server.pngtext import insert_text
 from schemas import OutputFormat, OutputImage, RenderRequest
 

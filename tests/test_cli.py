@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from image_server.generators.mock_drawing import draw
+from image_server.generators.mock.drawing import draw
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_KEY = "TEST_CLI_ABSENT_OPENAI_KEY"

@@ -11,7 +11,7 @@ import pytest
 
 from image_server.config import build_config, env_overrides, load_config
 from image_server.errors import ConfigError
-from image_server.generators.fal_spec import KNOWN_ENDPOINTS
+from image_server.generators.fal.config import KNOWN_ENDPOINTS
 from image_server.generators.registry import get_generator_class
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,10 @@
-"""Shared plumbing for HTTP-based strategies: keys, error translation, downloads.
+"""Shared plumbing for HTTP-based strategies: client lifecycle, keys, error translation, downloads.
 
 Each remote strategy translates provider errors into ``image_server.errors`` at its own
-boundary; the HTTP status -> error class mapping they share lives here, once.
+boundary. What they share lives here, once: the ``HTTPGenerator`` base (one client per
+generator, opened once), the status table that maps HTTP statuses (and providers' own
+numeric codes) to our error classes, and the transport-error translator (after httpx's
+``map_httpcore_exceptions``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import binascii
 import email.utils
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import httpx
 from pydantic import SecretStr
@@ -23,6 +27,7 @@ from image_server.errors import (
     GeneratorUnavailable,
     RateLimited,
 )
+from image_server.generators.base import Generator
 
 # Big enough for a 4096x4096 PNG, small enough that a hostile server can't fill memory.
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
@@ -62,6 +67,28 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, parsed.timestamp() - (time.time() if now is None else now))
 
 
+@dataclass(frozen=True)
+class StatusRule:
+    """One row of a status table: which statuses, what they become, and how they are worded."""
+
+    statuses: Container[int]
+    error: type[GenerationFailed]
+    retryable: bool
+    wording: str | None = None  # replaces "HTTP <status>" in the message
+
+
+# Most specific first; the first row whose statuses contain the status wins. Strategies put
+# their providers' own codes in front (``rules=KIE_RULES + STATUS_RULES``). Content-policy
+# refusals are provider-specific and detected by each strategy before this table.
+STATUS_RULES: tuple[StatusRule, ...] = (
+    StatusRule({429}, RateLimited, True),
+    StatusRule({401, 403}, GenerationFailed, False, "authentication failed"),
+    StatusRule({402}, GenerationFailed, False, "payment required (out of credits?)"),
+    StatusRule({408}, GenerationFailed, True),
+    StatusRule(range(500, 600), GenerationFailed, True),
+)
+
+
 def error_for_status(
     status: int,
     detail: str,
@@ -69,21 +96,18 @@ def error_for_status(
     generator: str,
     retry_after: float | None = None,
     error_type: str | None = None,
+    rules: tuple[StatusRule, ...] = STATUS_RULES,
 ) -> GenerationFailed:
-    """The error class and retryability for an HTTP failure status.
+    """The error for a failure status, from the first matching row of ``rules``.
 
-    429 -> ``RateLimited`` (retryable, honours Retry-After); 408, 5xx -> retryable;
-    auth (401/403), bad request (400/404/413/422) and anything else -> not retryable.
-    Content-policy refusals are provider-specific and detected by each strategy first.
+    A status no row names (400, 404, 413, 422, ...) is a non-retryable ``GenerationFailed``:
+    sending the same request again cannot help.
     """
-    text = f"{generator}: HTTP {status}: {detail}" if detail else f"{generator}: HTTP {status}"
-    if status == 429:
-        return RateLimited(text, status=status, retry_after=retry_after, generator=generator, error_type=error_type)
-    if status in (401, 403):
-        text = f"{generator}: authentication failed (HTTP {status}): {detail}"
-        return GenerationFailed(text, status=status, generator=generator, retryable=False, error_type=error_type)
-    retryable = status == 408 or status >= 500
-    return GenerationFailed(
+    rule = next((rule for rule in rules if status in rule.statuses), None)
+    error, retryable = (rule.error, rule.retryable) if rule else (GenerationFailed, False)
+    what = f"{rule.wording} (HTTP {status})" if rule and rule.wording else f"HTTP {status}"
+    text = f"{generator}: {what}: {detail}" if detail else f"{generator}: {what}"
+    return error(
         text, status=status, generator=generator, retryable=retryable, retry_after=retry_after, error_type=error_type
     )
 
@@ -145,12 +169,29 @@ def decode_data_uri(uri: str, *, generator: str) -> bytes:
     return decode_base64_image(payload, generator=generator)
 
 
-def image_format_of(data: bytes) -> str | None:
-    """png / jpeg / webp from magic bytes, without decoding."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
+class HTTPGenerator(Generator):
+    """Base of strategies that call one HTTP API. The config needs ``base_url``,
+    ``request_timeout_s`` (or None for ``timeout_s``)."""
+
+    _client: httpx.AsyncClient | None = None
+
+    def read_credentials(self) -> None:
+        """Read keys from ``self.environ``; raise ``GeneratorUnavailable`` if one is unset."""
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        self.read_credentials()
+        seconds = getattr(self.config, "request_timeout_s", None) or self.config.timeout_s
+        timeout = httpx.Timeout(seconds, connect=min(10.0, seconds))
+        self._client = httpx.AsyncClient(base_url=getattr(self.config, "base_url", ""), timeout=timeout)
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def require_open(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError(f"generator {self.name!r} is not open; use 'async with generator:' or call open() first")
+        return self._client

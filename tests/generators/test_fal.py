@@ -24,8 +24,8 @@ from image_server.errors import (
 )
 from image_server.generators.base import ReferenceImage, RenderJob
 from image_server.generators.fal import FalConfig, FalGenerator
-from image_server.generators.fal_arguments import map_steps
-from image_server.generators.fal_spec import KNOWN_ENDPOINTS, EndpointSpec
+from image_server.generators.fal.config import KNOWN_ENDPOINTS, EndpointSpec
+from image_server.generators.fal.wire import map_steps
 from image_server.generators.registry import validate_generator_config
 from image_server.manager import GeneratorManager
 from schemas import RenderRequest

@@ -22,7 +22,8 @@ from image_server.errors import (
     Unsupported,
 )
 from image_server.generators import ReferenceImage, RenderJob, check_request, validate_generator_config
-from image_server.generators.gemini import GeminiConfig, GeminiGenerator, nearest_aspect_ratio
+from image_server.generators.gemini import GeminiConfig, GeminiGenerator
+from image_server.generators.gemini.config import nearest_aspect_ratio
 from schemas import RenderRequest
 from tests.fakes.gemini import FakeGemini, iter_inline_images, tiny_image
 

@@ -25,7 +25,7 @@ from image_server.errors import (
 from image_server.generators import check_request, get_generator_class, validate_generator_config
 from image_server.generators.base import ReferenceImage, RenderJob
 from image_server.generators.openai import OpenAIConfig, OpenAIGenerator
-from image_server.generators.openai_config import nearest_size
+from image_server.generators.openai.config import nearest_size
 from schemas import RenderRequest
 from tests.fakes.openai import (
     FakeOpenAI,

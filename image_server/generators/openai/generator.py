@@ -6,10 +6,7 @@ The wire contract is providers/API_CONTRACTS.md section 2; provider errors are t
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httpx
@@ -26,90 +23,19 @@ from image_server.generators.base import (
     check_request,
 )
 from image_server.generators.http import (
-    decode_base64_image,
+    HTTPGenerator,
     download,
     error_for_status,
-    parse_retry_after,
     read_api_key,
     scrub,
     translate_transport_errors,
 )
-from image_server.generators.http_generator import HTTPGenerator
-from image_server.generators.openai_config import DALLE3_STYLES, MODELS, OpenAIConfig, nearest_size, size_dims
+from image_server.generators.openai.config import DALLE3_STYLES, MODELS, OpenAIConfig, nearest_size, size_dims
+from image_server.generators.openai.wire import ResultItem, error_fields, inspect_image, parse_payload, retry_after_of
 
 __all__ = ["OpenAIConfig", "OpenAIGenerator"]
 
 CONTENT_POLICY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
-MAX_RESULT_PIXELS = 64 * 1024 * 1024  # far above any size OpenAI makes; a header claiming more is hostile
-
-
-@dataclass
-class _Item:
-    """One entry of a response's ``data``: decoded bytes, or a URL to fetch or pass on."""
-
-    data: bytes | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-
-
-def _parse_payload(body: bytes, generator: str) -> list[_Item]:
-    """Blocking (JSON with base64 images can be tens of MiB): run in a thread."""
-    try:
-        payload = json.loads(body)
-        items = payload["data"]
-        if not isinstance(items, list) or not items:
-            raise ValueError("'data' is empty")
-        parsed: list[_Item] = []
-        for entry in items:
-            b64, url, revised = entry.get("b64_json"), entry.get("url"), entry.get("revised_prompt")
-            revised = revised if isinstance(revised, str) else None
-            if isinstance(b64, str) and b64:
-                parsed.append(_Item(data=decode_base64_image(b64, generator=generator), revised_prompt=revised))
-            elif isinstance(url, str) and url.startswith(("https://", "http://", "data:")):
-                parsed.append(_Item(url=url, revised_prompt=revised))
-            else:
-                raise ValueError("an image has neither b64_json nor url")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise GenerationFailed(f"{generator}: malformed response from OpenAI: {exc}", generator=generator) from exc
-    return parsed
-
-
-def _inspect(data: bytes, generator: str) -> GeneratedImage:
-    """Format and size from the header only (blocking: run in a thread)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, (width, height) = (img.format or "").lower(), img.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise GenerationFailed(f"{generator}: OpenAI returned data that is not an image", generator=generator) from exc
-    if fmt not in ("png", "jpeg", "webp") or width * height > MAX_RESULT_PIXELS:
-        message = f"{generator}: OpenAI returned an unusable image ({fmt or 'unknown format'} {width}x{height})"
-        raise GenerationFailed(message, generator=generator)
-    return GeneratedImage(data=data, format=fmt, width=width, height=height)
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """``retry-after-ms`` (OpenAI's precise form) first, then ``Retry-After``."""
-    millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000.0)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("retry-after"))
-
-
-def _error_fields(response: httpx.Response, key: str) -> tuple[str, str | None, str | None]:
-    """(message, type, code) from ``{"error": {...}}``, or the start of a non-JSON body (scrubbed
-    before it is cut: a key straddling the cut would otherwise leave half of it)."""
-    try:
-        error = response.json().get("error")
-        message = error.get("message") or ""
-        kind, code = error.get("type"), error.get("code")
-        return str(message), kind if isinstance(kind, str) else None, code if isinstance(code, str) else None
-    except (ValueError, AttributeError):
-        return scrub(response.text, key)[:300].strip(), None, None
 
 
 class OpenAIGenerator(HTTPGenerator):
@@ -182,7 +108,7 @@ class OpenAIGenerator(HTTPGenerator):
                 response = await client.post("/images/generations", json=params, headers=self._headers(key))
         if response.status_code >= 400:
             raise self._error(response, key)
-        items = await asyncio.to_thread(_parse_payload, response.content, self.name)
+        items = await asyncio.to_thread(parse_payload, response.content, self.name)
         images = [await self._image(client, item, params) for item in items]
         revised = next((item.revised_prompt for item in items if item.revised_prompt), None)
         if revised:
@@ -246,20 +172,20 @@ class OpenAIGenerator(HTTPGenerator):
             params["user"] = config.user
         return params, ignored
 
-    async def _image(self, client: httpx.AsyncClient, item: _Item, params: Mapping[str, Any]) -> GeneratedImage:
+    async def _image(self, client: httpx.AsyncClient, item: ResultItem, params: Mapping[str, Any]) -> GeneratedImage:
         if item.data is not None:
-            return await asyncio.to_thread(_inspect, item.data, self.name)
-        assert item.url is not None  # _parse_payload guarantees one of the two
+            return await asyncio.to_thread(inspect_image, item.data, self.name)
+        assert item.url is not None  # parse_payload guarantees one of the two
         if params.get("response_format") == "url":
             width, height = size_dims(params["size"])
             return GeneratedImage(url=item.url, format="png", width=width, height=height)
         data = await download(client, item.url, generator=self.name)
-        return await asyncio.to_thread(_inspect, data, self.name)
+        return await asyncio.to_thread(inspect_image, data, self.name)
 
     def _error(self, response: httpx.Response, key: str) -> GenerationFailed:
         """Translate an error response (contract 2.4); the key is scrubbed from every message."""
         status = response.status_code
-        message, kind, code = _error_fields(response, key)
+        message, kind, code = error_fields(response, key)
         label = code or kind
         detail = scrub(message, key)[:500] + (f" [{label}]" if label else "")  # scrub, then cut
         if response.headers.get("x-request-id"):
@@ -273,7 +199,7 @@ class OpenAIGenerator(HTTPGenerator):
             text = f"{self.name}: OpenAI quota or billing limit reached (HTTP 429): {detail}"
             return GenerationFailed(text, status=status, error_type=code, generator=self.name, retryable=False)
         error = error_for_status(
-            status, detail, generator=self.name, retry_after=_retry_after(response.headers), error_type=label
+            status, detail, generator=self.name, retry_after=retry_after_of(response.headers), error_type=label
         )
         if status == 409:
             error.retryable = True  # the official SDK retries 409 (lock timeouts) too

@@ -13,12 +13,12 @@ import io
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import Field
 
 from image_server.errors import ConfigError, GenerationFailed
+from image_server.formats import image_format_of
 from image_server.generators.base import (
     Capabilities,
     GeneratedImage,
@@ -28,27 +28,14 @@ from image_server.generators.base import (
     HealthReport,
     RenderJob,
 )
-from image_server.generators.http import image_format_of
-from image_server.generators.mock_drawing import STYLES, Style, blend_reference, derive_seed, draw
+from image_server.generators.mock.config import MockConfig
+from image_server.generators.mock.drawing import STYLES, Style, blend_reference, derive_seed, draw
 
 MockHandler = Callable[[RenderJob], "GenerationResult | None | Awaitable[GenerationResult | None]"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 DEFAULT_STRENGTH = 0.5
 _STYLE_NAMES: dict[str, Style] = {style: style for style in STYLES}
-
-
-class MockConfig(GeneratorConfig):
-    """``[generators.<name>]`` with ``strategy = "mock"``."""
-
-    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"style", "delay_s", "fail_rate"})
-
-    strategy: Literal["mock"] = "mock"
-    style: Style = "simple"
-    delay_s: float = Field(default=0.0, ge=0, le=600)
-    fail_rate: float = Field(default=0.0, ge=0, le=1)
-    # Serve the images in this folder (chosen by seed) instead of drawing new ones.
-    image_dir: Path | None = None
 
 
 class MockGenerator(Generator):

@@ -7,12 +7,10 @@ account id and API token both come from environment variables named in config.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import httpx
-from pydantic import Field, model_validator
 
 from image_server.errors import (
     ContentPolicy,
@@ -21,6 +19,7 @@ from image_server.errors import (
     GeneratorUnavailable,
     ImageServerError,
 )
+from image_server.formats import image_format_of
 from image_server.generators.base import (
     Capabilities,
     GeneratedImage,
@@ -30,16 +29,16 @@ from image_server.generators.base import (
     RenderJob,
     check_request,
 )
+from image_server.generators.cloudflare.config import CloudflareConfig
+from image_server.generators.cloudflare.wire import read_image
 from image_server.generators.http import (
-    decode_base64_image,
+    HTTPGenerator,
     error_for_status,
-    image_format_of,
     parse_retry_after,
     read_api_key,
     scrub,
     translate_transport_errors,
 )
-from image_server.generators.http_generator import HTTPGenerator
 
 ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 # The envelope's own codes where the HTTP status alone says too little.
@@ -48,54 +47,6 @@ DAILY_ALLOCATION_USED = 3036
 # NSFW refusals are not in Cloudflare's error table (UNCONFIRMED); recognise them by wording.
 POLICY_WORDING = re.compile(r"nsfw|unsafe|safety|inappropriate|content policy", re.IGNORECASE)
 MAX_DETAIL_CHARS = 300
-
-
-class CloudflareConfig(GeneratorConfig):
-    """``[generators.<name>]`` with ``strategy = "cloudflare"``."""
-
-    # Model knobs only; the manager builds an instance with them applied (see gemini.py on models).
-    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"steps"})
-
-    strategy: Literal["cloudflare"] = "cloudflare"
-    # Literal in the URL path: segments may not be "." or "..".
-    model: str = Field(default="@cf/black-forest-labs/flux-1-schnell", pattern=r"^@[a-z0-9-]+(/\w[\w.-]*){2}$")
-    account_id_env: str = "CLOUDFLARE_ACCOUNT_ID"
-    api_token_env: str = "CLOUDFLARE_API_TOKEN"
-    base_url: str = Field(default="https://api.cloudflare.com/client/v4", pattern=r"^https?://")
-    # Steps sent when the request names none; requests above max_steps are clamped to it.
-    steps: int = Field(default=4, ge=1, le=50)
-    max_steps: int = Field(default=8, ge=1, le=50)
-    max_prompt_chars: int = Field(default=2048, ge=1, le=100_000)
-    # The model schema has no seed (and forbids extra properties); opt in if your model takes one.
-    send_seed: bool = False
-    request_timeout_s: float | None = Field(default=None, gt=0, le=3600)
-
-    @model_validator(mode="after")
-    def _steps_within_max(self) -> CloudflareConfig:
-        if self.steps > self.max_steps:
-            raise ValueError(f"steps {self.steps} is above max_steps {self.max_steps}")
-        return self
-
-
-def read_image(content: bytes, content_type: str, *, generator: str) -> bytes | dict[str, Any]:
-    """The image from a 2xx answer (blocking): ``{"result": {"image": b64}}`` or raw bytes;
-    the envelope itself if it says ``"success": false``.
-
-    Raises ``GenerationFailed`` for malformed JSON or an envelope without an image.
-    """
-    if content_type.startswith("image/"):  # some Workers AI image models answer with raw bytes
-        return content
-    try:
-        payload = json.loads(content)
-    except ValueError as exc:
-        raise GenerationFailed(f"{generator}: provider returned malformed JSON", generator=generator) from exc
-    if isinstance(payload, dict) and payload.get("success") is False:
-        return payload
-    result = payload.get("result") if isinstance(payload, dict) else None
-    image = result.get("image") if isinstance(result, dict) else None
-    if not isinstance(image, str) or not image:
-        raise GenerationFailed(f"{generator}: the response held no image (result.image missing)", generator=generator)
-    return decode_base64_image(image, generator=generator)
 
 
 class CloudflareGenerator(HTTPGenerator):
@@ -120,7 +71,7 @@ class CloudflareGenerator(HTTPGenerator):
         self._account_id, self._token = self._read_credentials()
 
     async def generate(self, job: RenderJob) -> GenerationResult:
-        client = self.require_client()
+        client = self.require_open()
         config, request = self.config, job.request
         try:
             ignored = check_request(self.capabilities, request, self.name)

@@ -23,10 +23,9 @@ from image_server.generators.base import (
     RenderJob,
     check_request,
 )
-from image_server.generators.fal_arguments import build_arguments
-from image_server.generators.fal_errors import secrets_of, translate_fal_errors
-from image_server.generators.fal_results import fetch_images, parse_output
-from image_server.generators.fal_spec import KNOWN_ENDPOINTS, EndpointSpec, FalConfig
+from image_server.generators.fal.config import KNOWN_ENDPOINTS, EndpointSpec, FalConfig
+from image_server.generators.fal.errors import secrets_of, translate_fal_errors
+from image_server.generators.fal.wire import build_arguments, fetch_images, parse_output
 from image_server.generators.http import read_api_key, scrub
 
 if TYPE_CHECKING:
