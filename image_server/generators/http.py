@@ -9,14 +9,16 @@ numeric codes) to our error classes, and the transport-error translator (after h
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import email.utils
 import os
 import time
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Awaitable, Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -29,6 +31,7 @@ from image_server.errors import (
 )
 from image_server.generators.base import Generator
 
+T = TypeVar("T")
 # Big enough for a 4096x4096 PNG, small enough that a hostile server can't fill memory.
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 
@@ -97,15 +100,17 @@ def error_for_status(
     retry_after: float | None = None,
     error_type: str | None = None,
     rules: tuple[StatusRule, ...] = STATUS_RULES,
+    label: str = "HTTP",
 ) -> GenerationFailed:
     """The error for a failure status, from the first matching row of ``rules``.
 
-    A status no row names (400, 404, 413, 422, ...) is a non-retryable ``GenerationFailed``:
-    sending the same request again cannot help.
+    A status no row names (400, 404, 413, 422, ...) is a non-retryable ``GenerationFailed``.
+    ``label`` names what the number is, for providers that put their own codes in the body
+    (Kie answers HTTP 200 with ``"code": 402``).
     """
     rule = next((rule for rule in rules if status in rule.statuses), None)
     error, retryable = (rule.error, rule.retryable) if rule else (GenerationFailed, False)
-    what = f"{rule.wording} (HTTP {status})" if rule and rule.wording else f"HTTP {status}"
+    what = f"{rule.wording} ({label} {status})" if rule and rule.wording else f"{label} {status}"
     text = f"{generator}: {what}: {detail}" if detail else f"{generator}: {what}"
     return error(
         text, status=status, generator=generator, retryable=retryable, retry_after=retry_after, error_type=error_type
@@ -150,6 +155,23 @@ async def download(
                     )
                 chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def gather_or_cancel(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """Run concurrently; the first failure cancels the rest (gather alone would leave them running)."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def download_all(http: httpx.AsyncClient, urls: list[str], *, generator: str) -> list[bytes]:
+    """Download every URL concurrently (see ``download``); the first failure cancels the rest."""
+    return await gather_or_cancel(download(http, url, generator=generator) for url in urls)
 
 
 def decode_base64_image(data: str, *, generator: str) -> bytes:

@@ -24,6 +24,7 @@ _BUILTINS: dict[str, str] = {
     "openai": "image_server.generators.openai:OpenAIGenerator",
     "gemini": "image_server.generators.gemini:GeminiGenerator",
     "cloudflare": "image_server.generators.cloudflare:CloudflareGenerator",
+    "kie": "image_server.generators.kie:KieGenerator",
 }
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)

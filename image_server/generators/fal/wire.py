@@ -6,7 +6,6 @@ No fal_client here. Request values win over the configured defaults.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +15,7 @@ from image_server.errors import ContentPolicy, GenerationFailed
 from image_server.formats import image_format_of
 from image_server.generators.base import GeneratedImage
 from image_server.generators.fal.config import EndpointSpec, FalConfig, FalFormat
-from image_server.generators.http import download
+from image_server.generators.http import download_all
 from schemas import RenderRequest
 
 FORMATS_BY_MIME = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/webp": "webp"}
@@ -196,7 +195,7 @@ async def fetch_images(
             )
             for image in output.images
         ]
-    blobs = await _download_all(http, [image.url for image in output.images], generator=generator)
+    blobs = await download_all(http, [image.url for image in output.images], generator=generator)
     results = []
     for image, data in zip(output.images, blobs, strict=True):
         fmt = image_format_of(data)
@@ -204,17 +203,3 @@ async def fetch_images(
             raise GenerationFailed(f"{generator}: a result image is not PNG, JPEG or WebP", generator=generator)
         results.append(GeneratedImage(data=data, format=fmt, width=image.width, height=image.height, seed=output.seed))
     return results
-
-
-async def _download_all(http: httpx.AsyncClient, urls: list[str], *, generator: str) -> list[bytes]:
-    """Download concurrently; the first failure cancels the rest (gather alone would leave them running)."""
-    if len(urls) == 1:
-        return [await download(http, urls[0], generator=generator)]
-    tasks = [asyncio.ensure_future(download(http, url, generator=generator)) for url in urls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
