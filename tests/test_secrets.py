@@ -29,6 +29,7 @@ from schemas import ImageReady, RenderError, RenderRequest as Request, decode_fr
 from tests.fakes.cloudflare import FakeCloudflare, envelope
 from tests.fakes.fal import FakeError, FalScenario, patched_fal_client, serve_fal
 from tests.fakes.gemini import FakeGemini
+from tests.fakes.kie import FakeKie
 from tests.fakes.openai import ScriptedError, fake_openai, server_error
 
 PLANTED = "sk-PLANTED-abc123-SECRET"
@@ -200,11 +201,54 @@ def fal_provider() -> Iterator[Provider]:
         )
 
 
+@contextlib.contextmanager
+def kie_provider() -> Iterator[Provider]:
+    with FakeKie(api_key=PLANTED) as fake:
+
+        def mode(api_key: str = PLANTED, **knobs: Any) -> Callable[[], None]:
+            def apply() -> None:
+                fake.reset()
+                fake.__dict__.pop("poll", None)
+                fake.api_key = api_key
+                for name, value in knobs.items():
+                    if name in fake.errors:  # scripted answers for those calls
+                        fake.errors[name].extend(value)
+                    else:
+                        setattr(fake, name, value)
+
+            return apply
+
+        def malformed() -> None:
+            mode()()
+            fake.poll = lambda task_id: {"state": "success", "resultJson": '{"resultUrls": "' + PLANTED}
+
+        cut = "x" * 290 + PLANTED  # the key straddles the 300 characters kept of a message
+        table = {"strategy": "kie", "api_key_env": KEY_ENV, "request_timeout_s": 0.3, **FAST}
+        table |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.02, "timeout_s": 0.6}
+        dead = dead_url()
+        yield Provider(
+            table={**table, "base_url": fake.url, "upload_base_url": fake.url},
+            dead_table={**table, "base_url": dead, "upload_base_url": dead},
+            modes={
+                "ok": mode(),
+                "wrong-key-echoed": mode(api_key="the-right-one", echo_key=True),  # 401 quoting the key
+                "500-echo": mode(create=[(500, f"upstream rejected {PLANTED}")] * 2),
+                "500-echo-cut": mode(create=[(500, cut)] * 2),
+                "poll-echo-on-200": mode(echo_key=True, poll=[(455, "maintenance")] * 10),
+                "fail-echo-cut": mode(fail=("501", cut)),
+                "malformed": malformed,
+                "timeout": mode(polls_per_state=10_000),
+            },
+            key_seen=lambda: any(PLANTED in str(r.headers) for r in fake.requests),
+        )
+
+
 PROVIDERS = {
     "openai": openai_provider,
     "gemini": gemini_provider,
     "cloudflare": cloudflare_provider,
     "fal": fal_provider,
+    "kie": kie_provider,
 }
 
 

@@ -28,6 +28,7 @@ from schemas import ImageReady, ImageSource, RenderError, RenderProgress, decode
 from tests.fakes.cloudflare import FakeCloudflare
 from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
+from tests.fakes.kie import EDIT_MODEL, FakeKie
 from tests.fakes.openai import fake_openai, moderation_blocked, rate_limited
 
 DEADLINE = 10.0
@@ -36,6 +37,7 @@ OPENAI_KEY = "sk-planted-openai-e2e-0123456789"
 GEMINI_KEY = "planted-gemini-key-e2e-0123456789"
 CF_TOKEN = "planted-cloudflare-token-e2e"
 CF_ACCOUNT = "plantedaccount0123456789abcdef"
+KIE_KEY = "planted-kie-key-e2e-0123456789"
 MUTED_LOGGERS = ("httpx", "httpcore")  # below WARNING, by image_server.cli's logging setup
 
 
@@ -51,6 +53,7 @@ class Served:
     # Not credentials, but kept out of messages all the same; httpx logs request URLs (with the
     # account id in the path) at INFO, which image_server.cli mutes (httpx and httpcore at WARNING).
     identifiers: tuple[str, ...] = ()
+    others: dict[str, dict[str, Any]] = field(default_factory=dict)  # more generators (fallbacks)
 
 
 @contextlib.contextmanager
@@ -65,6 +68,11 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
         with fake_openai(api_key=OPENAI_KEY) as fake:
             fields = {"strategy": "openai", "model": "gpt-image-1", "base_url": fake.base_url}
             yield Served("openai", base | fields | table, {"OPENAI_API_KEY": OPENAI_KEY}, (OPENAI_KEY,), fake)
+    elif provider == "kie":
+        with FakeKie(api_key=KIE_KEY) as fake:
+            fields = {"strategy": "kie", "base_url": fake.url, "upload_base_url": fake.url}
+            fields |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.05}
+            yield Served("kie", base | fields | table, fake.environ, (KIE_KEY,), fake)
     elif provider == "gemini":
         with FakeGemini(api_key=GEMINI_KEY) as fake:
             fields = {"strategy": "gemini", "base_url": fake.url}
@@ -106,7 +114,7 @@ def through_service(service_factory, client_for, raw_peer, caplog):
     async def run(served: Served, request_id: str = "e2e-1", **fields: Any) -> Outcome:
         outcome = Outcome(request_id)
         raw: list[list[bytes]] = []
-        generators = {served.name: served.table}
+        generators = {served.name: served.table, **served.others}
         factory = factory_with(served.environ)
         async with service_factory(generators=generators, default_generator=served.name, factory=factory) as service:
             peer = await raw_peer(service)
@@ -252,6 +260,61 @@ async def test_cloudflare_text_to_image(through_service):
     assert sorted(event.ignored) == ["seed", "width"]
 
 
+async def test_kie_text_to_image_with_progress(through_service):
+    # Each state lasts five polls of >= 30 ms: past the service's 100 ms progress throttle.
+    with serve("kie", poll_interval_s=0.03, poll_backoff=1.0) as served:
+        served.fake.polls_per_state = 5
+        outcome = await through_service(served, prompt="a paper crane", width=1600, height=900, seed=5, steps=9)
+        (create,) = served.fake.paths("/api/v1/jobs/createTask")
+    event = outcome.ready
+    assert event.generator == "kie"
+    image = assert_stored_image(event)
+    assert image.size == (16, 9)  # the fake renders 1/128 of landscape_16_9 at 2K (2048x1152)
+    assert create.json()["input"] == {
+        "prompt": "a paper crane",
+        "image_size": "landscape_16_9",
+        "image_resolution": "2K",
+        "max_images": 1,
+        "seed": 5,
+    }
+    assert event.applied["image_size"] == "landscape_16_9" and event.applied["image_resolution"] == "2K"
+    assert event.images[0].seed == 5 and event.ignored == ["steps"]
+    messages = [p.message for p in outcome.progress if p.stage == "generating"]
+    assert "generating" in messages, outcome.progress
+
+
+async def test_kie_edit_uploads_a_data_uri_reference(through_service):
+    with serve("kie") as served:
+        outcome = await through_service(served, prompt="paint it", reference_image=ImageSource(uri=png_data_uri()))
+        (upload,) = served.fake.paths("/api/file-base64-upload")
+        (create,) = served.fake.paths("/api/v1/jobs/createTask")
+        files = dict(served.fake.files)
+    event = outcome.ready
+    assert_stored_image(event)
+    assert create.json()["model"] == EDIT_MODEL
+    (url,) = create.json()["input"]["image_urls"]
+    with Image.open(io.BytesIO(files[url.removeprefix(served.fake.url)][0])) as uploaded:
+        assert uploaded.size == (32, 32)  # the very reference the client sent
+    assert upload.json()["base64Data"].startswith("data:image/png;base64,")
+    assert event.applied["reference_uploads"] == 1 and event.applied["model"] == EDIT_MODEL
+
+
+async def test_kie_out_of_credits_falls_back_to_cloudflare_flux(through_service):
+    """The seed project's pair: Kie first; its 402 (sent on HTTP 200) is final, so Cloudflare renders."""
+    with FakeCloudflare(api_token=CF_TOKEN, account_id=CF_ACCOUNT) as cloudflare:
+        flux = {"strategy": "cloudflare", "base_url": cloudflare.base_url, "retries": 1}
+        with serve("kie", fallbacks=["cloudflare_flux"], retries=2) as served:
+            served.others["cloudflare_flux"] = flux
+            served.environ.update(cloudflare.environ)
+            served.fake.errors["create"].append((402, "Credits insufficient"))
+            outcome = await through_service(served, prompt="a harbour")
+            creates = served.fake.paths("/api/v1/jobs/createTask")
+    event = outcome.ready
+    assert event.generator == "cloudflare_flux" and event.attempts == 2  # 402 was not retried
+    assert len(creates) == 1 and len(cloudflare.requests) == 1
+    assert_stored_image(event)
+
+
 # -- errors, one class per case; secrets are checked by the fixture ------------------------------------
 
 
@@ -273,6 +336,19 @@ def openai_moderation(fake: Any) -> None:
 
 def openai_wrong_key(fake: Any) -> None:
     fake.api_key = "sk-some-other-key"  # the fake's 401 then echoes the planted key in full
+
+
+def kie_no_credits(fake: Any) -> None:
+    fake.errors["create"].append((402, "Credits insufficient"))  # on HTTP 200, code in the body
+
+
+def kie_refused(fake: Any) -> None:
+    fake.fail = ("400", "The content you submitted may contain sensitive information")
+
+
+def kie_echo_key(fake: Any) -> None:
+    fake.mirror_status, fake.echo_key = True, True
+    fake.errors["poll"].extend([(500, "Server Error for")] * 5)
 
 
 def scenario(name: str) -> Callable[[Any], None]:
@@ -297,6 +373,9 @@ def scenario(name: str) -> Callable[[Any], None]:
         ("cloudflare", scenario("capacity"), "rate_limited", True),
         ("cloudflare", scenario("nsfw"), "content_policy", False),
         ("cloudflare", scenario("echo_secrets"), "generation_failed", True),
+        ("kie", kie_no_credits, "generation_failed", False),
+        ("kie", kie_refused, "content_policy", False),
+        ("kie", kie_echo_key, "generation_failed", True),
     ],
     ids=lambda value: getattr(value, "__name__", None) if callable(value) else None,
 )
