@@ -18,6 +18,7 @@ import pytest
 from PIL import Image, ImageStat
 
 from image_server.generators.mock.drawing import draw
+from tests.fakes.kie import FakeKie
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_KEY = "TEST_CLI_ABSENT_OPENAI_KEY"
@@ -194,6 +195,20 @@ def test_generators_check_passes_with_the_shipped_config(run: Run, tmp_path: Pat
     done = run("--config", str(REPO / "config.toml"), "generators", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert table_rows(done.stdout)["mock"][-1].startswith("ok"), done.stdout
+
+
+def test_generators_check_reads_kies_credit_balance(run: Run, tmp_path: Path) -> None:
+    with FakeKie(api_key="cli-kie-key") as fake:
+        table = f'[generators.kie]\nstrategy = "kie"\nbase_url = "{fake.url}"\napi_key_env = "TEST_CLI_KIE_KEY"\n'
+        config = write_config(tmp_path, table)
+        done = run("--config", str(config), "generators", "--check", env={"TEST_CLI_KIE_KEY": "cli-kie-key"})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert table_rows(done.stdout)["kie"][-1] == "ok kie: key accepted; 100 credits left"
+        fake.credits = 0
+        done = run("--config", str(config), "generators", "--check", env={"TEST_CLI_KIE_KEY": "cli-kie-key"})
+        (call, *_) = fake.paths("/api/v1/chat/credit")
+    assert done.returncode == 1 and "kie: kie: key accepted, but no credits are left (0)" in done.stderr
+    assert call.headers["authorization"] == "Bearer cli-kie-key"
 
 
 @pytest.mark.parametrize(

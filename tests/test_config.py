@@ -96,6 +96,8 @@ EXAMPLE_NAMES = {
     "dalle3",
     "gemini",
     "cloudflare",
+    "kie",
+    "cloudflare_flux",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -129,7 +131,7 @@ def example_count() -> int:
 
 
 def test_examples_stay_comments_in_the_shipped_config():
-    assert example_count() == 4  # fal, openai, gemini, cloudflare
+    assert example_count() == 5  # fal, openai, gemini, cloudflare, kie with cloudflare_flux
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -148,7 +150,7 @@ def test_all_examples_uncommented_validate(optional):
         for field, value in table.model_dump().items():
             if field.endswith("_env") and value is not None:
                 assert re.fullmatch(r"[A-Z][A-Z0-9_]*", value), f"{name}.{field} = {value!r}"
-    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare"}
+    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie"}
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
     assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-1", "dall-e-3"}
     # Each builds a generator (no key needed before open()) whose capabilities fit its name.
@@ -156,10 +158,10 @@ def test_all_examples_uncommented_validate(optional):
         name: get_generator_class(table.strategy)(table, name=name, environ={}) for name, table in generators.items()
     }
     i2i = {name for name, generator in built.items() if generator.capabilities.image_to_image}
-    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "gemini"}
+    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "gemini", "kie"}
 
 
-@pytest.mark.parametrize("block", range(4))
+@pytest.mark.parametrize("block", range(5))
 def test_each_example_validates_on_its_own(block):
     data = tomllib.loads(uncomment_examples(SHIPPED, only=block))
     added = set(build_config(data).generators) - {"mock"}
@@ -185,3 +187,14 @@ def test_a_strategy_refuses_another_strategys_table():
             if other.strategy != strategy:
                 with pytest.raises(TypeError, match=f"{cls.__name__} needs a {type(table).__name__}"):
                     cls(other)
+
+
+def test_the_kie_example_is_the_seed_projects_pair():
+    """Kie first, Cloudflare flux when Kie gives up; the block stands on its own."""
+    openings = [line for line in SHIPPED.splitlines() if line.startswith(EXAMPLE_BEGIN)]
+    block = next(number for number, line in enumerate(openings) if "Kie.ai" in line)
+    generators = build_config(tomllib.loads(uncomment_examples(SHIPPED, only=block))).generators
+    assert set(generators) == {"mock", "kie", "cloudflare_flux"}
+    assert generators["kie"].strategy == "kie" and generators["kie"].fallbacks == ["cloudflare_flux"]
+    flux = generators["cloudflare_flux"]
+    assert flux.strategy == "cloudflare" and flux.model == "@cf/black-forest-labs/flux-1-schnell"

@@ -34,7 +34,7 @@ FORBIDDEN = {
 }
 
 
-@pytest.mark.parametrize("strategy", ["mock", "fal", "openai", "gemini", "cloudflare"])
+@pytest.mark.parametrize("strategy", ["mock", "fal", "openai", "gemini", "cloudflare", "kie"])
 def test_no_strategy_lets_requests_touch_credentials_urls_or_limits(strategy):
     config_model = get_generator_class(strategy).config_model
     assert config_model.OVERRIDABLE, f"{strategy} allows no overrides at all"
