@@ -80,6 +80,7 @@ class FakeKie:
         self.images_made: int | None = None  # fewer images than max_images (None: max_images)
         self.result_ttl_s = 5.0  # result URLs answer 403 (expired) after this long
         self.credits: Any = 100
+        self.result_errors: deque[int] = deque()  # HTTP statuses for the next result downloads
         self.echo_key = False  # error messages repeat the key the request presented
         # Scripted answers (code, message) for the next calls, one per call: "create", "poll", "upload".
         self.errors: dict[str, deque[tuple[int, str]]] = {"create": deque(), "poll": deque(), "upload": deque()}
@@ -263,7 +264,9 @@ class _KieHandler(JSONHandler):
         if url.path.startswith("/files/"):
             with fake.lock:
                 stored = fake.files.get(url.path)
-            if stored is None or fake.result_expired(url.path):
+            if url.path.startswith("/files/results/") and fake.result_errors:
+                self.send_bytes(fake.result_errors.popleft(), b"<Error>InternalError</Error>", "application/xml")
+            elif stored is None or fake.result_expired(url.path):
                 self.send_bytes(403, b"<Error><Code>AccessDenied</Code>Request has expired</Error>", "application/xml")
             else:
                 self.send_bytes(200, stored[0], stored[1])

@@ -268,6 +268,18 @@ async def test_an_expired_result_url_is_a_clear_failure(fake, gen):
     assert caught.value.status == 403 and not caught.value.retryable
 
 
+async def test_a_result_download_that_fails_transiently_is_tried_again_without_a_new_task(fake, gen):
+    fake.result_errors.extend([503, 500])
+    result = await gen.generate(job())
+    assert len(result.images) == 1
+    assert len(fake.paths("/files/results/")) == 3 and len(fake.paths("/api/v1/jobs/createTask")) == 1
+
+    fake.result_errors.extend([503] * 3)
+    with pytest.raises(GenerationFailed, match="HTTP 503") as caught:
+        await gen.generate(job())
+    assert caught.value.retryable  # the manager may now try a new task
+
+
 async def test_a_wrong_key_quoted_back_is_scrubbed(fake):
     fake.echo_key = True
     fake.errors["create"].append((500, "upstream says"))

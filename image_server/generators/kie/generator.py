@@ -48,6 +48,7 @@ CREDIT_PATH = "/api/v1/chat/credit"  # "Get Remaining Credits" (docs.kie.ai comm
 # Polls that fail transiently (429, 455, 5xx, a dropped connection) in a row before the last
 # error is reported; re-creating the task instead would bill it twice.
 MAX_POLL_ERRORS = 5
+DOWNLOAD_TRIES = 3
 
 
 class KieGenerator(HTTPGenerator):
@@ -90,7 +91,7 @@ class KieGenerator(HTTPGenerator):
             logger.debug("%s: %s is Kie task %s", self.name, request.request_id, task_id)
             result_urls = await self._wait(client, task_id, job)
             job.progress(None, "downloading")
-            blobs = await download_all(client, list(result_urls[: request.num_images]), generator=self.name)
+            blobs = await self._download(client, list(result_urls[: request.num_images]))
         except ImageServerError as exc:
             exc.request_id = exc.request_id or request.request_id
             exc.generator = exc.generator or self.name
@@ -142,6 +143,19 @@ class KieGenerator(HTTPGenerator):
         except asyncio.CancelledError:
             logger.info("%s: stopped waiting for Kie task %s; Kie has no cancel, so it runs on", self.name, task_id)
             raise
+
+    async def _download(self, client: httpx.AsyncClient, urls: list[str]) -> list[bytes]:
+        """The results, fetched now (the URLs expire). A transient failure is tried again here, at
+        most twice: a retry by the manager would make (and bill) a new task. 403/404 are final."""
+        for attempt in range(1, DOWNLOAD_TRIES + 1):
+            try:
+                return await download_all(client, urls, generator=self.name)
+            except (GenerationFailed, GenerationTimeout) as exc:
+                if not exc.retryable or attempt == DOWNLOAD_TRIES:
+                    raise
+                logger.info("%s: downloading a result failed (%s); trying again", self.name, exc)
+                await asyncio.sleep(min(1.0, self.config.poll_interval_s))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _record(self, client: httpx.AsyncClient, task_id: str) -> TaskRecord:
         with translate_transport_errors(self.name, self._key):
