@@ -141,8 +141,10 @@ class RenderPipeline:
     ) -> RenderOutcome:
         references: tuple[list[ReferenceImage], ReferenceImage | None] | None = None
 
-        def on_generator_progress(fraction: float | None, message: str | None) -> None:
-            progress("generating", fraction, message, None)
+        def on_generator_progress(
+            fraction: float | None, message: str | None, /, queue_position: int | None = None
+        ) -> None:
+            progress("generating", fraction, message, queue_position)
 
         async def attempt(name: str, number: int) -> tuple[GenerationResult, float]:
             nonlocal references

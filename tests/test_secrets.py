@@ -27,7 +27,7 @@ from image_server.generators.base import RenderJob
 from image_server.generators.registry import get_generator_class, validate_generator_config
 from schemas import ImageReady, RenderError, RenderRequest as Request, decode_frames
 from tests.fakes.cloudflare import FakeCloudflare, envelope
-from tests.fakes.fal import FakeError, FalScenario, patched_fal_client, serve_fal
+from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.kie import FakeKie
 from tests.fakes.openai import ScriptedError, fake_openai, server_error
@@ -168,7 +168,7 @@ def cloudflare_provider() -> Iterator[Provider]:
 @contextlib.contextmanager
 def fal_provider() -> Iterator[Provider]:
     scenario = FalScenario(key=FAL_PLANTED)
-    with serve_fal(scenario) as fake:  # also aims the real fal-client at the fake
+    with serve_fal(scenario) as fake:
 
         def mode(**knobs: Any) -> Callable[[], None]:
             def apply() -> None:
@@ -180,11 +180,12 @@ def fal_provider() -> Iterator[Provider]:
 
         echo = {"detail": f"No user found for Key {FAL_PLANTED}", "error_type": "auth"}
         table = {"strategy": "fal", "endpoint": "fal-ai/fast-lightning-sdxl", "api_key_env": KEY_ENV, **FAST}
+        table |= fake.hosts()
         table |= {"poll_interval_s": 0.01, "request_timeout_s": 0.5, "cancel_timeout_s": 0.5, "timeout_s": 0.6}
         dead = dead_url()
         yield Provider(
             table=table,
-            dead_table=table,
+            dead_table={**table, "queue_url": dead, "rest_url": dead, "cdn_url": dead},
             modes={
                 "ok": mode(),
                 "wrong-key": mode(key="right-id:right-secret"),
@@ -197,7 +198,6 @@ def fal_provider() -> Iterator[Provider]:
             },
             key_seen=lambda: any(PLANTED in str(r.headers) for r in fake.requests()),
             key=FAL_PLANTED,
-            around_dead=lambda: patched_fal_client(dead, max_attempts=1),
         )
 
 

@@ -8,10 +8,10 @@ into ``image_server.errors`` at the strategy's own boundary.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,17 @@ from schemas import RenderRequest
 if TYPE_CHECKING:
     from PIL import Image
 
-ProgressCallback = Callable[[float | None, str | None], None]
+
+class ProgressCallback(Protocol):
+    """How a generator reports progress: a fraction, a message, and the provider's queue
+    position while the job waits in a provider's own queue (fal)."""
+
+    def __call__(self, fraction: float | None, message: str | None, /, queue_position: int | None = None) -> None: ...
+
+
+def no_progress(fraction: float | None, message: str | None, /, queue_position: int | None = None) -> None:
+    """The default ``ProgressCallback``: progress goes nowhere."""
+
 
 # Parameters a generator may honour or, if it cannot, must report as ignored.
 SOFT_PARAMETERS = ("seed", "negative_prompt", "steps", "guidance_scale", "strength", "style")
@@ -98,7 +108,7 @@ class RenderJob:
     references: list[ReferenceImage] = field(default_factory=list)
     depth_map: ReferenceImage | None = None
     attempt: int = 1
-    progress: ProgressCallback = field(default=lambda fraction, message: None)
+    progress: ProgressCallback = field(default=no_progress)
 
     @property
     def width(self) -> int:
@@ -194,7 +204,7 @@ class Generator:
 
 
 def check_request(capabilities: Capabilities, request: RenderRequest, generator: str) -> list[str]:
-    """Refuse what the generator cannot do; return the soft parameters it will ignore."""
+    """Refuse what the generator cannot do; return the soft parameters (and ``loras``) it will ignore."""
 
     def refuse(message: str) -> Unsupported:
         return Unsupported(message, request_id=request.request_id, generator=generator)
@@ -208,8 +218,6 @@ def check_request(capabilities: Capabilities, request: RenderRequest, generator:
         raise refuse(f"generator {generator!r} takes at most {capabilities.max_reference_images} reference images")
     if request.depth_map is not None and not capabilities.depth_map:
         raise refuse(f"generator {generator!r} does not take a depth map")
-    if request.loras and not capabilities.loras:
-        raise refuse(f"generator {generator!r} does not take LoRAs")
     if request.num_images > capabilities.max_images:
         raise refuse(f"generator {generator!r} makes at most {capabilities.max_images} images per request")
     for side in ("width", "height"):
@@ -225,6 +233,8 @@ def check_request(capabilities: Capabilities, request: RenderRequest, generator:
             request_id=request.request_id,
             generator=generator,
         )
-    return [
+    ignored = [
         name for name in SOFT_PARAMETERS if getattr(request, name) is not None and name not in capabilities.parameters
     ]
+    # LoRAs are a soft parameter too: a generator without them renders the prompt and says so.
+    return [*ignored, "loras"] if request.loras and not capabilities.loras else ignored

@@ -1,7 +1,8 @@
-"""A fake fal.ai (queue, storage, CDN on one 127.0.0.1 origin) for the real fal-client (contract section 1.7).
+"""A fake fal.ai (contract section 1.7): queue, storage and CDN on one 127.0.0.1 origin, the
+synchronous run API on a second one (both take ``POST /{endpoint}``, as fal's two hosts do).
 
-``serve_fal(scenario)`` starts it and, by default, points fal_client's module URLs at it
-(recipe A: plain http). Scenario knobs script statuses, errors, outputs and hangs.
+``serve_fal(scenario)`` starts it; ``fake.hosts()`` is the generator config that points at it.
+Scenario knobs script statuses, errors, outputs and hangs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ __all__ = [
     "FakeFal",
     "FakeJob",
     "FalScenario",
-    "patched_fal_client",
     "serve_fal",
 ]
 
@@ -44,6 +44,7 @@ REQUEST_PATH = re.compile(r"^/(?P<owner>[^/]+)/(?P<app>[^/]+)/requests/(?P<id>[^
 
 class FalHandler(JSONHandler):
     fake: ClassVar[FakeFal]
+    role: ClassVar[str] = "queue"  # or "run": POST /{endpoint} answers with the output itself
     disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would add ~40 ms each
 
     def do_GET(self) -> None:
@@ -73,6 +74,8 @@ class FalHandler(JSONHandler):
                 self._file(path.removeprefix("/files/"))
             elif (match := REQUEST_PATH.match(path)) is not None:
                 self._queue_request(method, match["id"], match["tail"] or "", parse_qs(url.query))
+            elif method == "POST" and self.role == "run":
+                self._run(path.strip("/"), body)
             elif method == "POST":
                 self._submit(path.strip("/"), body)
             else:
@@ -142,25 +145,39 @@ class FalHandler(JSONHandler):
 
     # -- queue ---------------------------------------------------------------------------------
 
+    def _accept(self, endpoint: str, body: bytes, stage: str) -> FakeJob | None:
+        """Check key, injected errors and arguments; the new job, or None once an error is sent."""
+        scenario = self.fake.scenario
+        if not self._authorized(f"Key {scenario.key}") or self._injected(stage):
+            return None
+        try:
+            arguments = json.loads(body or b"{}")
+        except ValueError:
+            self.send_json(400, {"detail": "body is not JSON", "error_type": "bad_request"})
+            return None
+        problems = check_arguments(endpoint, arguments, strict=scenario.strict, known_files=set(self.fake.files))
+        if problems:
+            self.send_json(422, {"detail": problems})
+            return None
+        job = FakeJob(self.fake.next_id(), endpoint, arguments)
+        with self.fake.lock:
+            self.fake.jobs[job.request_id] = job
+        return job
+
+    def _run(self, endpoint: str, body: bytes) -> None:
+        job = self._accept(endpoint, body, "run")
+        if job is not None:
+            job.completed = True
+            self._result(job)
+
     def _submit(self, endpoint: str, body: bytes) -> None:
         scenario = self.fake.scenario
         self.fake.submitting.set()
         if scenario.submit_delay_s:
             self.fake.stopping.wait(scenario.submit_delay_s)
-        if not self._authorized(f"Key {scenario.key}") or self._injected("submit"):
+        job = self._accept(endpoint, body, "submit")
+        if job is None:
             return
-        try:
-            arguments = json.loads(body or b"{}")
-        except ValueError:
-            self.send_json(400, {"detail": "body is not JSON", "error_type": "bad_request"})
-            return
-        problems = check_arguments(endpoint, arguments, strict=scenario.strict, known_files=set(self.fake.files))
-        if problems:
-            self.send_json(422, {"detail": problems})
-            return
-        job = FakeJob(self.fake.next_id(), endpoint, arguments)
-        with self.fake.lock:
-            self.fake.jobs[job.request_id] = job
         owner, app = endpoint.split("/")[:2]  # the subpath is dropped, as fal does
         base = f"{self.fake.base_url}/{owner}/{app}/requests/{job.request_id}"
         first = scenario.statuses[0]
@@ -209,7 +226,8 @@ class FalHandler(JSONHandler):
         if self._injected("status"):
             return
         state, position = scenario.statuses[min(poll, len(scenario.statuses) - 1)]
-        logs: list[dict[str, str]] | None = [] if with_logs else None
+        # fal sends every log line so far on each poll (with ?logs=true; null without).
+        logs = list(scenario.logs[: poll + 1]) if with_logs else None
         if state == "IN_QUEUE":
             self.send_json(202, {"status": state, "queue_position": position, "request_id": job.request_id})
         elif state == "IN_PROGRESS":
@@ -254,35 +272,16 @@ class FalHandler(JSONHandler):
 
 
 @contextmanager
-def patched_fal_client(base_url: str, *, max_attempts: int = 2) -> Iterator[None]:
-    """Recipe A: point fal_client's module URLs at ``base_url`` (plain http); restore afterwards."""
-    import fal_client.client as fc
-
-    names = ("QUEUE_URL_FORMAT", "RUN_URL_FORMAT", "REST_URL", "CDN_URL", "MAX_ATTEMPTS")
-    saved = {name: getattr(fc, name) for name in names}
-    values = (f"{base_url}/", f"{base_url}/", base_url, base_url, max_attempts)
-    try:
-        for name, value in zip(names, values, strict=True):
-            setattr(fc, name, value)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(fc, name, value)
-
-
-@contextmanager
-def serve_fal(scenario: FalScenario | None = None, *, patch_client: bool = True) -> Iterator[FakeFal]:
-    """Run a fake fal (and, with ``patch_client``, aim fal_client at it) for the ``with`` block."""
+def serve_fal(scenario: FalScenario | None = None) -> Iterator[FakeFal]:
+    """Run a fake fal for the ``with`` block; ``fake.hosts()`` points a generator at it."""
     fake = FakeFal(scenario or FalScenario())
-    handler = type("BoundFalHandler", (FalHandler,), {"fake": fake, "recorder": fake.recorder})
-    with serve_in_thread(handler) as base_url:
-        fake.base_url = base_url
+    bound = {"fake": fake, "recorder": fake.recorder}
+    queue = type("BoundFalHandler", (FalHandler,), bound)
+    run = type("BoundFalRunHandler", (FalHandler,), {**bound, "role": "run"})
+    with serve_in_thread(queue) as base_url, serve_in_thread(run) as run_url:
+        fake.base_url, fake.run_url = base_url, run_url
         try:
-            if patch_client:
-                with patched_fal_client(base_url):
-                    yield fake
-            else:
-                yield fake
+            yield fake
         finally:
             fake.release_all()
         assert not fake.crashes, f"the fake fal server crashed: {fake.crashes!r}"

@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     ),
     "fal-ai/flux/schnell": Rule(FLUX | {"image_size"}, steps_range=(1, 12)),
     "fal-ai/flux/dev/image-to-image": Rule(FLUX | I2I, steps_range=(1, 50), image=True),
+    "fal-ai/flux-lora": Rule(FLUX | {"image_size", "loras"}, steps_range=(1, 50)),
 }
 
 
@@ -82,6 +83,12 @@ def check_arguments(
     count = args.get("num_images", 1)
     if not isinstance(count, int) or not 1 <= count <= rule.max_images:
         problems.append(_problem("num_images", f"must be in 1..{rule.max_images}", "int_range"))
+    loras = args.get("loras", [])
+    if not isinstance(loras, list) or not all(
+        isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("scale", 1.0), int | float)
+        for item in loras
+    ):
+        problems.append(_problem("loras", "a list of {path, scale}", "value_error"))
     fmt = args.get("format", args.get("output_format"))
     if fmt is not None and fmt not in ("jpeg", "png"):
         problems.append(_problem("output_format", "must be jpeg or png", "enum"))

@@ -21,7 +21,7 @@ DEFAULT_STATUSES: tuple[tuple[str, int | None], ...] = (
     ("COMPLETED", None),
 )
 HANG_LIMIT_S = 10.0  # a hung status poll gives up after this, so a broken test cannot wedge a thread
-STAGES = frozenset({"submit", "status", "result", "cancel", "token", "cdn_upload", "storage_initiate"})
+STAGES = frozenset({"submit", "run", "status", "result", "cancel", "token", "cdn_upload", "storage_initiate"})
 
 
 @dataclass
@@ -56,6 +56,8 @@ class FalScenario:
     submit_delay_s: float = 0.0  # submit answers this late (to cancel a render mid-submit)
     image_side: int = 8
     strict: bool = True  # 422 for arguments the known endpoints do not take (see fal_rules)
+    # Log items; status poll n (0-based) returns the first n + 1 of them, as fal accumulates logs.
+    logs: Sequence[dict[str, str]] = ()
 
 
 @dataclass
@@ -74,7 +76,8 @@ class FakeFal:
 
     def __init__(self, scenario: FalScenario) -> None:
         self.scenario = scenario
-        self.base_url = ""
+        self.base_url = ""  # queue, rest (storage) and CDN
+        self.run_url = ""  # the synchronous run host
         self.recorder = Recorder()
         self.jobs: dict[str, FakeJob] = {}
         self.files: dict[str, tuple[bytes, str]] = {}
@@ -84,6 +87,11 @@ class FakeFal:
         self.stopping = threading.Event()  # set at shutdown: ends delays early
         self.crashes: list[Exception] = []
         self._ids = itertools.count(1)
+
+    def hosts(self) -> dict[str, str]:
+        """The fal generator's host fields, aimed at this fake."""
+        base = self.base_url
+        return {"queue_url": base, "run_url": self.run_url, "rest_url": base, "cdn_url": base}
 
     def release_all(self) -> None:
         """Free every hung status poll and delay (at shutdown)."""

@@ -1,4 +1,5 @@
-"""FalGenerator against the real fal-client and a fake fal queue on 127.0.0.1 (tests/fakes/fal.py)."""
+"""FalGenerator against a fake fal (queue, run, storage, CDN) on 127.0.0.1 (tests/fakes/fal.py),
+reached through the generator's own host config."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ import asyncio
 import base64
 import io
 import socket
-import subprocess
-import sys
 
-import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -45,19 +43,19 @@ def fake():
 
 
 def make_generator(fake: FakeFal, endpoint: str = LIGHTNING, *, key: str | None = None, **fields) -> FalGenerator:
-    config = FalConfig(endpoint=endpoint, poll_interval_s=0.01, **fields)
+    config = FalConfig(endpoint=endpoint, poll_interval_s=0.01, **(fake.hosts() | fields))
     return FalGenerator(config, name="falai", environ={"FAL_KEY": fake.scenario.key if key is None else key})
 
 
 def make_job(*, references: list[ReferenceImage] | None = None, **fields) -> tuple[RenderJob, list]:
-    events: list[tuple[float | None, str | None]] = []
+    """The job and the progress it reports: (fraction, message, queue_position) each."""
+    events: list[tuple[float | None, str | None, int | None]] = []
+
+    def progress(fraction: float | None, message: str | None, /, queue_position: int | None = None) -> None:
+        events.append((fraction, message, queue_position))
+
     request = RenderRequest(request_id="r-1", prompt=fields.pop("prompt", "a red fox"), **fields)
-    job = RenderJob(
-        request=request,
-        references=references or [],
-        progress=lambda fraction, message: events.append((fraction, message)),
-    )
-    return job, events
+    return RenderJob(request=request, references=references or [], progress=progress), events
 
 
 def png_reference(side: int = 16) -> ReferenceImage:
@@ -90,11 +88,11 @@ async def test_text_to_image_maps_request_and_reports_progress(fake):
     assert "negative_prompt" not in args and "guidance_scale" not in args
     assert result.ignored == ["negative_prompt", "guidance_scale"]
     assert result.applied["steps"] == 4 and result.applied["seed"] == 7
-    assert [message for _, message in events] == [
-        "queued at position 1",
-        "queued at position 0",
-        "generating",
-        "completed",
+    assert events == [
+        (None, "queued at fal, position 1", 1),
+        (None, "queued at fal, position 0", 0),
+        (None, "generating", None),
+        (1.0, "completed", None),
     ]
     (image,) = result.images
     assert image.format == "png" and image.data is not None and image.data.startswith(b"\x89PNG")
@@ -178,7 +176,7 @@ async def test_url_delivery_passes_urls_through(fake):
 
 def fal_manager(fake: FakeFal) -> GeneratorManager:
     """Overrides reach a generator through the manager, which builds a config per override set."""
-    config = FalConfig(endpoint=LIGHTNING, poll_interval_s=0.01)
+    config = FalConfig(endpoint=LIGHTNING, poll_interval_s=0.01, **fake.hosts())
     return GeneratorManager(
         {"falai": config},
         default="falai",
@@ -256,7 +254,7 @@ async def test_http_errors_map_to_classes(fake, case):
     assert type(error) is cls and error.status == status and error.retryable is retryable
     assert error.request_id == "r-1" and error.generator == "falai"
     if case == "rate limit":
-        assert error.retry_after == 7.0 and len(fake.requests("POST", "/fal-ai")) == 2  # fal-client retried once
+        assert error.retry_after == 7.0 and len(fake.requests("POST", "/fal-ai")) == 1  # no hidden retries
     if case == "server":
         assert error.error_type == "runner_server_error"
     if case == "validation":
@@ -292,15 +290,13 @@ async def test_key_never_appears_in_errors(fake):
 
 
 async def test_unreachable_fal_is_retryable(fake):
-    import fal_client.client as fc
-
     with socket.socket() as sock:  # a port nothing listens on once closed
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    fc.QUEUE_URL_FORMAT = f"http://127.0.0.1:{port}/"  # restored when the fake's fixture ends
     with pytest.raises(GenerationFailed) as info:
-        await render(make_generator(fake), make_job()[0])
+        await render(make_generator(fake, queue_url=f"http://127.0.0.1:{port}"), make_job()[0])
     assert info.value.retryable and fake.scenario.key not in str(info.value)
+    assert not fake.requests()
 
 
 # -- cancellation ----------------------------------------------------------------------------------
@@ -341,23 +337,6 @@ async def test_cancel_during_submit_still_cancels_the_remote_request(fake):
 # -- lifecycle, health, config ---------------------------------------------------------------------
 
 
-def test_importing_the_module_does_not_import_fal_client():
-    code = (
-        "import sys, image_server.generators.fal;"
-        "from image_server.generators.registry import get_generator_class;"
-        "get_generator_class('fal');"
-        "print('fal_client' in sys.modules)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
-    assert done.stdout.strip() == "False"
-
-
-async def test_missing_fal_client_is_unavailable(fake, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fal_client", None)
-    with pytest.raises(GeneratorUnavailable, match="'fal' extra"):
-        await make_generator(fake).open()
-
-
 async def test_missing_key_is_unavailable_even_with_ambient_fal_key(fake, monkeypatch):
     monkeypatch.setenv("FAL_KEY", fake.scenario.key)  # ambient key must not be used
     generator = FalGenerator(FalConfig(endpoint=LIGHTNING, api_key_env="MY_FAL_KEY"), environ={})
@@ -373,13 +352,13 @@ async def test_aclose_closes_clients_and_is_idempotent(fake):
         await generator.generate(make_job()[0])
 
 
-async def test_aclose_closes_fal_clients_http_client(fake):
+async def test_aclose_closes_both_clients(fake):
     generator = make_generator(fake)
     async with generator:
         await generator.generate(make_job()[0])
-        inner = generator._client.__dict__["_client"].value  # fal-client's cached httpx client
-        assert isinstance(inner, httpx.AsyncClient) and not inner.is_closed
-    assert inner.is_closed
+        clients = (generator._api, generator._http)
+        assert all(client is not None and not client.is_closed for client in clients)
+    assert all(client.is_closed for client in clients)
 
 
 @pytest.mark.parametrize(

@@ -61,8 +61,9 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
     """Start ``provider``'s fake; ``table`` adds to (or replaces) the generator's config fields."""
     base: dict[str, Any] = {"retries": 0, "timeout_s": DEADLINE}
     if provider == "fal":
-        with serve_fal(FalScenario(key=FAL_KEY)) as fake:  # also aims the real fal-client at the fake
+        with serve_fal(FalScenario(key=FAL_KEY)) as fake:
             fields = {"strategy": "fal", "endpoint": "fal-ai/fast-lightning-sdxl", "poll_interval_s": 0.01}
+            fields |= fake.hosts()
             yield Served("falai", base | fields | table, {"FAL_KEY": FAL_KEY}, (FAL_KEY, *FAL_KEY.split(":")), fake)
     elif provider == "openai":
         with fake_openai(api_key=OPENAI_KEY) as fake:

@@ -6,9 +6,9 @@ Each fal endpoint takes its own argument set (providers/API_CONTRACTS.md section
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from image_server.generators.base import Capabilities, GeneratorConfig
 
@@ -32,6 +32,7 @@ MANAGED_ARGUMENTS = frozenset(
         "output_format",
         "enable_safety_checker",
         "image_url",
+        "loras",
     }
 )
 
@@ -49,6 +50,8 @@ class EndpointSpec(BaseModel):
     negative_prompt: bool = False
     guidance_scale: bool = False
     strength: bool = False
+    loras: bool = False  # takes ``loras: [{"path", "scale"}]`` (fal's LoRA endpoints, e.g. flux-lora)
+    max_loras: int = Field(default=3, ge=1, le=16)
     steps_choices: tuple[int, ...] | None = None  # sent as strings (fast-lightning-sdxl's enum)
     steps_range: tuple[int, int] | None = None  # sent as an int, clamped into the range
     max_images: int = Field(default=1, ge=1, le=8)
@@ -81,6 +84,7 @@ class EndpointSpec(BaseModel):
             image_to_image=self.image_to_image,
             max_reference_images=1 if self.image_to_image else 0,
             max_images=self.max_images,
+            loras=self.loras,
             parameters=frozenset(name for name, ok in accepted.items() if ok),
         )
 
@@ -96,7 +100,13 @@ KNOWN_ENDPOINTS: dict[str, EndpointSpec] = {
     "fal-ai/flux/dev/image-to-image": EndpointSpec.model_validate(
         {**_I2I, "image_size": False, "steps_range": (1, 50), "guidance_scale": True, "max_images": 4}
     ),
+    # FLUX.1 [dev] with LoRAs (API_CONTRACTS.md section 1.6: ``loras`` items are ``{path, scale}``).
+    "fal-ai/flux-lora": EndpointSpec(steps_range=(1, 50), guidance_scale=True, max_images=4, loras=True),
 }
+
+HostURL = Annotated[
+    str, Field(pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$"), AfterValidator(lambda url: url.rstrip("/"))
+]
 
 
 class FalConfig(GeneratorConfig):
@@ -124,6 +134,17 @@ class FalConfig(GeneratorConfig):
     download_timeout_s: float = Field(default=60.0, gt=0, le=600)
     cancel_timeout_s: float = Field(default=2.0, gt=0, le=30)
     health_check: Literal["key", "storage_token"] = "storage_token"
+    # Where fal lives (http or https), per generator: a proxy, a regional gateway or a test server.
+    # fal-client reads its hosts from module globals at import, so the strategy speaks fal's queue
+    # and storage HTTP APIs itself (API_CONTRACTS.md sections 1.3 and 1.5) with its own httpx clients.
+    queue_url: HostURL = "https://queue.fal.run"
+    run_url: HostURL = "https://fal.run"
+    rest_url: HostURL = "https://rest.fal.ai"  # storage tokens and the GCS upload fallback
+    cdn_url: HostURL = "https://v3.fal.media"  # reference uploads
+    mode: Literal["queue", "run"] = "queue"  # run: one synchronous POST to run_url, no queue
+    proxy: HostURL | None = None  # for every fal call of this generator; None: HTTP(S)_PROXY if set
+    ca_bundle: str | None = None  # PEM file trusted for https, for this generator only
+    progress_logs: bool = False  # fal's log lines as progress messages (asks the queue for logs)
     endpoint_spec: EndpointSpec | None = None  # replaces the built-in table (needed for unknown endpoints)
 
     @property

@@ -1,7 +1,6 @@
-"""Translate fal-client and httpx failures into ``image_server.errors``, scrubbed of the key.
+"""Translate fal's error answers and httpx failures into ``image_server.errors``, scrubbed of the key.
 
-The one boundary where fal exceptions are caught (providers/API_CONTRACTS.md section 1.4).
-Call ``translate_fal_errors`` only once ``fal_client`` is imported (after ``open()``).
+fal's error bodies are described in providers/API_CONTRACTS.md section 1.4.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from image_server.errors import ContentPolicy, GenerationFailed, GenerationTimeout, ImageServerError
+from image_server.errors import ContentPolicy, GenerationFailed, ImageServerError
 from image_server.generators.http import error_for_status, parse_retry_after, scrub, translate_transport_errors
 
 MAX_DETAIL_CHARS = 500
@@ -82,41 +81,12 @@ def error_for_fal_http(
 
 @contextmanager
 def translate_fal_errors(generator: str, key: str, *, request_id: str | None = None) -> Iterator[None]:
-    """Wrap fal-client calls (and result downloads): everything leaves as an ``ImageServerError``."""
-    import fal_client
-
-    secrets = secrets_of(key)
+    """Wrap calls to fal (and result downloads): everything leaves as an ``ImageServerError``
+    carrying ``request_id``; transport failures are scrubbed of the key."""
     try:
-        with translate_transport_errors(generator, *secrets):
+        with translate_transport_errors(generator, *secrets_of(key)):
             yield
     except ImageServerError as exc:
         if exc.request_id is None:
             exc.request_id = request_id
         raise
-    # "from None" below: the originals carry the provider's words unscrubbed (fal echoes keys
-    # back in some errors), and a traceback of a chained cause would print them.
-    except fal_client.FalClientHTTPError as exc:
-        raise _with_id(
-            error_for_fal_http(
-                exc.status_code, exc.message, exc.error_type, exc.response.headers, generator=generator, secrets=secrets
-            ),
-            request_id,
-        ) from None
-    except httpx.HTTPStatusError as exc:  # fal's CDN token refresh raises plain httpx errors
-        response = exc.response
-        detail = scrub(response.text, *secrets)[:MAX_DETAIL_CHARS]
-        raise _with_id(error_for_status(response.status_code, detail, generator=generator), request_id) from None
-    except fal_client.FalClientTimeoutError as exc:
-        raise GenerationTimeout(
-            f"{generator}: fal did not answer in time", generator=generator, request_id=request_id
-        ) from exc
-    except (KeyError, ValueError, TypeError) as exc:
-        # fal-client parses JSON and indexes required keys without checks: bad JSON, a missing
-        # request_id or an unknown status string surface here.
-        message = scrub(f"{generator}: fal returned a malformed response ({type(exc).__name__}: {exc})", *secrets)
-        raise GenerationFailed(message[:MAX_DETAIL_CHARS], generator=generator, request_id=request_id) from None
-
-
-def _with_id(error: GenerationFailed, request_id: str | None) -> GenerationFailed:
-    error.request_id = request_id
-    return error

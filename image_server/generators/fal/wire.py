@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from image_server.errors import ContentPolicy, GenerationFailed
+from image_server.errors import ContentPolicy, GenerationFailed, Unsupported
 from image_server.formats import image_format_of
 from image_server.generators.base import GeneratedImage
 from image_server.generators.fal.config import EndpointSpec, FalConfig, FalFormat
@@ -93,6 +93,16 @@ def build_arguments(
     strength = request.strength if request.strength is not None else config.strength
     if spec.strength and image_url is not None and strength is not None:
         args["strength"] = applied["strength"] = strength
+
+    if spec.loras and request.loras:
+        if len(request.loras) > spec.max_loras:
+            raise Unsupported(
+                f"{config.endpoint} takes at most {spec.max_loras} LoRAs, not {len(request.loras)}",
+                request_id=request.request_id,
+            )
+        # fal's LoRA endpoints take a weights URL (or a name fal resolves) as ``path``.
+        args["loras"] = [{"path": lora.name, "scale": lora.strength} for lora in request.loras]
+        applied["loras"] = [{"name": lora.name, "strength": lora.strength} for lora in request.loras]
 
     if spec.max_images > 1 or request.num_images > 1:
         args["num_images"] = request.num_images
