@@ -272,13 +272,14 @@ class FalHandler(JSONHandler):
 
 
 @contextmanager
-def serve_fal(scenario: FalScenario | None = None) -> Iterator[FakeFal]:
-    """Run a fake fal for the ``with`` block; ``fake.hosts()`` points a generator at it."""
+def serve_fal(scenario: FalScenario | None = None, *, tls: bool = False) -> Iterator[FakeFal]:
+    """Run a fake fal for the ``with`` block; ``fake.hosts()`` points a generator at it. With
+    ``tls`` it speaks https with the certificate ``tests.fakes.server.TLS_CERT``."""
     fake = FakeFal(scenario or FalScenario())
     bound = {"fake": fake, "recorder": fake.recorder}
     queue = type("BoundFalHandler", (FalHandler,), bound)
     run = type("BoundFalRunHandler", (FalHandler,), {**bound, "role": "run"})
-    with serve_in_thread(queue) as base_url, serve_in_thread(run) as run_url:
+    with serve_in_thread(queue, tls=tls) as base_url, serve_in_thread(run, tls=tls) as run_url:
         fake.base_url, fake.run_url = base_url, run_url
         try:
             yield fake

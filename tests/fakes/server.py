@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 
@@ -65,16 +67,32 @@ class JSONHandler(BaseHTTPRequestHandler):
         self.send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
 
 
+# A self-signed certificate for IP 127.0.0.1 and localhost (valid to 2126), for fakes served over
+# https. Test-only: the key guards nothing but these fakes.
+TLS_DIR = Path(__file__).parent / "tls"
+TLS_CERT = TLS_DIR / "cert.pem"
+
+
+def tls_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS_CERT, TLS_DIR / "key.pem")
+    return context
+
+
 @contextmanager
-def serve_in_thread(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """Yield the server's base URL (``http://127.0.0.1:<port>``); shut it down afterwards."""
+def serve_in_thread(handler: type[BaseHTTPRequestHandler], *, tls: bool = False) -> Iterator[str]:
+    """Yield the server's base URL (``http://127.0.0.1:<port>``, or https with ``tls``, trusted
+    through ``TLS_CERT``); shut it down afterwards."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls:
+        # The handshake happens per connection in the handler thread, not in accept().
+        server.socket = tls_context().wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     server.daemon_threads = True
     # shutdown() waits for serve_forever's next poll: the default 0.5 s would dominate test time.
     thread = threading.Thread(target=server.serve_forever, args=(0.01,), name="fake-http", daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -14,6 +14,7 @@ from image_server.manager import GeneratorManager
 from image_server.resilience import CooldownTracker, run_chain
 from schemas import LoraSpec
 from tests.fakes.fal import FakeError, FakeFal, serve_fal
+from tests.fakes.server import TLS_CERT
 from tests.generators.test_fal import LIGHTNING, LIGHTNING_I2I, SCHNELL, make_generator, make_job, png_reference, render
 from tests.test_secrets import dead_url
 
@@ -69,6 +70,19 @@ async def test_every_call_goes_through_the_configured_proxy(fake):
     assert f"{nowhere}/storage/auth/token?storage_type=fal-cdn-v3" in paths
     assert f"{nowhere}/files/upload" in paths and f"{nowhere}/{LIGHTNING_I2I}" in paths
     assert any(path.startswith(f"{fake.base_url}/files/") for path in paths)  # the result download too
+
+
+async def test_https_fake_is_trusted_through_the_generators_ca_bundle_only():
+    """The CA bundle is this generator's: the same fake without it fails certificate verification,
+    so nothing process-wide (SSL_CERT_FILE, the system store) was changed."""
+    with serve_fal(tls=True) as fake:
+        assert fake.base_url.startswith("https://127.0.0.1:")
+        job, _ = make_job(references=[png_reference()], reference_image={"uri": "data:,x"})
+        generator = make_generator(fake, LIGHTNING_I2I, upload="storage", ca_bundle=str(TLS_CERT))
+        assert (await render(generator, job)).images[0].data is not None
+        with pytest.raises(GenerationFailed, match="CERTIFICATE_VERIFY_FAILED"):
+            await render(make_generator(fake), make_job()[0])
+        assert not (await make_generator(fake).health()).ok
 
 
 async def test_health_check_uses_the_configured_rest_host(fake):
