@@ -119,6 +119,10 @@ class GeneratorManager:
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidRequest(f"generator_config.{where}: {first['msg']}", generator=name) from exc
 
+    def startup_warnings(self) -> list[tuple[str, str]]:
+        """(generator, warning) for every configured generator (see ``GeneratorConfig.startup_warnings``)."""
+        return [(name, text) for name in self.available() for text in self._configs[name].startup_warnings()]
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def __aenter__(self) -> GeneratorManager:
@@ -129,6 +133,8 @@ class GeneratorManager:
                 else "Cannot reopen a manager after it was closed."
             )
         self._state = ManagerState.OPENED
+        for name, warning in self.startup_warnings():
+            logger.warning("generator %s: %s", name, warning)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

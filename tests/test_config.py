@@ -92,8 +92,9 @@ EXAMPLE_NAMES = {
     "falai_flux",
     "falai_lightning_i2i",
     "falai_flux_i2i",
+    "falai_lora",
     "openai",
-    "dalle3",
+    "openai_wide",
     "gemini",
     "cloudflare",
     "kie",
@@ -152,13 +153,14 @@ def test_all_examples_uncommented_validate(optional):
                 assert re.fullmatch(r"[A-Z][A-Z0-9_]*", value), f"{name}.{field} = {value!r}"
     assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie"}
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
-    assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-1", "dall-e-3"}
+    assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-2"}
+    assert not any(table.startup_warnings() for table in generators.values())  # no retired models
     # Each builds a generator (no key needed before open()) whose capabilities fit its name.
     built = {
         name: get_generator_class(table.strategy)(table, name=name, environ={}) for name, table in generators.items()
     }
     i2i = {name for name, generator in built.items() if generator.capabilities.image_to_image}
-    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "gemini", "kie"}
+    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "openai_wide", "gemini", "kie"}
 
 
 @pytest.mark.parametrize("block", range(5))
@@ -170,7 +172,7 @@ def test_each_example_validates_on_its_own(block):
 
 def test_a_broken_example_is_caught(tmp_path):
     """The check is not vacuous: a typo in an example fails validation."""
-    broken = SHIPPED.replace('# quality = "hd"', '# quality = "ultra"', 1)
+    broken = SHIPPED.replace('# quality = "high"', '# quality = "ultra"', 1)
     assert broken != SHIPPED
     with pytest.raises(ConfigError, match="quality"):
         build_config(tomllib.loads(uncomment_examples(broken)))

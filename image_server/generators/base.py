@@ -57,6 +57,11 @@ class GeneratorConfig(BaseModel):
     cooldown_after: int = Field(default=5, ge=1)
     cooldown_s: float = Field(default=30.0, ge=0)
 
+    def startup_warnings(self) -> list[str]:
+        """What a user should hear about when the service starts with this config (a model the
+        provider has retired, ...): the manager logs each one as a warning. Cheap, no I/O."""
+        return []
+
 
 class Capabilities(BaseModel):
     """What a generator can do. The service refuses (``unsupported``) what it cannot, and

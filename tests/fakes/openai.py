@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Literal
 
 from tests.fakes.images import solid_bytes
@@ -25,6 +26,20 @@ from tests.fakes.server import JSONHandler, RecordedRequest, serve_in_thread
 DEFAULT_KEY = "sk-fake-openai-0123456789abcdef"
 Malformed = Literal["json", "no_data", "bad_base64", "not_image"]
 MODELS = ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2", "dall-e-2", "dall-e-3")
+# OpenAI's shutdown dates (issue 9, from the official SDK's notes): from that day on the model is gone.
+SHUTDOWN = {
+    "gpt-image-1": date(2026, 10, 23),
+    "dall-e-2": date(2026, 5, 12),
+    "dall-e-3": date(2026, 5, 12),
+    "gpt-image-1-mini": date(2026, 12, 1),
+    "gpt-image-1.5": date(2026, 12, 1),
+}
+# What each model's edits endpoint takes for input_fidelity; a model not listed takes none.
+INPUT_FIDELITY = {
+    "gpt-image-1": {"high", "low"},
+    "gpt-image-1.5": {"high", "low"},
+    "gpt-image-1-mini": {"low"},
+}
 SIZES = {
     "gpt-image": {"1024x1024", "1536x1024", "1024x1536", "auto"},
     "dall-e-3": {"1024x1024", "1792x1024", "1024x1792"},
@@ -40,7 +55,6 @@ CHOICES = {
     "background": {"transparent", "opaque", "auto"},
     "output_format": {"png", "jpeg", "webp"},
     "moderation": {"low", "auto"},
-    "input_fidelity": {"high", "low"},
     "style": {"vivid", "natural"},
     "response_format": {"url", "b64_json"},
 }
@@ -113,6 +127,10 @@ class FakeOpenAI:
     delay_s: float = 0.0  # before answering API calls; ended early when the fake shuts down
     malformed: Malformed | None = None  # a 200 whose body is broken this way
     answer_with_url: bool = False  # dall-e: URLs even when b64_json was asked for
+    # The fake's calendar: models whose shutdown date has come are refused, as OpenAI does. Tests of
+    # a model with a shutdown date pin it to a day before that date.
+    today: date = field(default_factory=date.today)
+    new_models: tuple[str, ...] = ()  # models OpenAI released after MODELS was written
     requests: list[ImagesRequest] = field(default_factory=list)
     errors: deque[ScriptedError] = field(default_factory=deque)
     served_files: dict[str, bytes] = field(default_factory=dict)
@@ -132,6 +150,7 @@ class FakeOpenAI:
         self.errors.clear()
         self.served_files.clear()
         self.delay_s, self.malformed, self.answer_with_url = 0.0, None, False
+        self.today, self.new_models = date.today(), ()
         self.release = threading.Event()
 
     def fail_next(self, error: ScriptedError, times: int = 1) -> None:
@@ -145,6 +164,17 @@ class FakeOpenAI:
     def next_id(self) -> int:
         with self.lock:
             return next(self._ids)
+
+    def serves(self, model: str) -> bool:
+        """The model exists at this fake's OpenAI today."""
+        if model in self.new_models:
+            return True
+        return model in MODELS and not (model in SHUTDOWN and SHUTDOWN[model] <= self.today)
+
+
+def model_not_found(model: str) -> ScriptedError:
+    message = f"The model `{model}` does not exist or you do not have access to it."
+    return ScriptedError(404, message, "invalid_request_error", "model_not_found")
 
 
 def _size_ok(model: str, size: str) -> bool:
@@ -163,8 +193,6 @@ def validate_images_request(params: dict[str, Any], *, edit: bool, images: list[
     if unknown:
         return f"Unknown parameter: '{unknown[0]}'."
     model, gpt = params.get("model"), str(params.get("model")).startswith("gpt-image")
-    if model not in MODELS:
-        return f"Invalid value for 'model': {model!r}."
     if not params.get("prompt"):
         return "Missing required parameter: 'prompt'."
     if edit and model == "dall-e-3":
@@ -190,6 +218,12 @@ def validate_images_request(params: dict[str, Any], *, edit: bool, images: list[
     for key, choices in CHOICES.items():
         if key in params and params[key] not in choices:
             return f"Invalid value for '{key}': {params[key]!r}."
+    if "input_fidelity" in params:
+        fidelity = INPUT_FIDELITY.get(str(model), set())
+        if not fidelity:
+            return f"Unknown parameter: 'input_fidelity' is not supported with {model}."
+        if params["input_fidelity"] not in fidelity:
+            return f"Invalid value for 'input_fidelity': {params['input_fidelity']!r} is not supported for {model}."
     return None
 
 
@@ -213,9 +247,8 @@ class _Handler(JSONHandler):
         if self._refused(record):
             return
         model = re.fullmatch(r"/v1/models/([\w.-]+)", self.path)
-        if model is None or model[1] not in MODELS:
-            message = "The model does not exist or you do not have access to it."
-            return self._error(ScriptedError(404, message, "invalid_request_error", "model_not_found"))
+        if model is None or not self.fake.serves(model[1]):
+            return self._error(model_not_found(model[1] if model else self.path))
         model_info = {"id": model[1], "object": "model", "created": 1_700_000_000, "owned_by": "system"}
         self._send(200, json.dumps(model_info).encode())  # _send: the client may have timed out and gone
 
@@ -236,6 +269,8 @@ class _Handler(JSONHandler):
         except ValueError:
             message = "We could not parse the JSON body of your request."
             return self._error(ScriptedError(400, message, "invalid_request_error"))
+        if not self.fake.serves(str(params.get("model"))):
+            return self._error(model_not_found(str(params.get("model"))))
         problem = validate_images_request(params, edit=edit, images=[f.field for f in record.files])
         if problem is not None:
             return self._error(ScriptedError(400, problem, "invalid_request_error", "invalid_value"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import socket
 from collections.abc import Iterator
+from datetime import date
 from typing import Any
 
 import httpx
@@ -26,6 +28,7 @@ from image_server.generators import check_request, get_generator_class, validate
 from image_server.generators.base import ReferenceImage, RenderJob
 from image_server.generators.openai import OpenAIConfig, OpenAIGenerator
 from image_server.generators.openai.config import nearest_size
+from image_server.manager import GeneratorManager
 from schemas import RenderRequest
 from tests.fakes.openai import (
     FakeOpenAI,
@@ -40,6 +43,8 @@ from tests.fakes.openai import (
 )
 
 PLANTED_KEY = "sk-planted-secret-key-4f9a1c2e7b"
+# dall-e-3 was shut down on 2026-05-12; its tests run against OpenAI as it was the week before.
+BEFORE_DALLE_SHUTDOWN = date(2026, 5, 5)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +96,7 @@ async def test_gpt_image_generation_sends_exact_json(fake):
 
     [call] = fake.api_requests("/v1/images/generations")
     assert call.json() == {
-        "model": "gpt-image-1",
+        "model": "gpt-image-2",
         "prompt": "a lighthouse at dusk",
         "n": 2,
         "size": "1024x1536",
@@ -104,7 +109,7 @@ async def test_gpt_image_generation_sends_exact_json(fake):
     assert [(i.format, i.width, i.height) for i in result.images] == [("png", 8, 12), ("png", 8, 12)]
     assert result.images[0].data != result.images[1].data  # both images, in order
     assert result.applied == {
-        "model": "gpt-image-1",
+        "model": "gpt-image-2",
         "size": "1024x1536",
         "quality": "high",
         "output_format": "png",
@@ -116,6 +121,7 @@ async def test_gpt_image_generation_sends_exact_json(fake):
 
 
 async def test_gpt_image_asks_for_the_requested_output_format(fake):
+    fake.today = date(2026, 11, 30)  # gpt-image-1.5 shuts down on 2026-12-01
     result = await generate(fake, make_job(output_format="jpeg"), model="gpt-image-1.5", output_compression=70)
 
     [call] = fake.api_requests("/v1/images/generations")
@@ -133,6 +139,7 @@ async def test_transparent_background_never_asks_for_jpeg(fake):
 
 
 async def test_dalle3_generation_asks_for_base64(fake):
+    fake.today = BEFORE_DALLE_SHUTDOWN
     job = make_job(width=1920, height=1080, style="natural")
     result = await generate(fake, job, model="dall-e-3", quality="hd")
 
@@ -154,6 +161,7 @@ async def test_dalle3_generation_asks_for_base64(fake):
 
 
 async def test_dalle3_url_delivery_passes_the_url_on(fake):
+    fake.today = BEFORE_DALLE_SHUTDOWN
     result = await generate(fake, make_job(delivery="url"), model="dall-e-3")
 
     [call] = fake.api_requests("/v1/images/generations")
@@ -164,6 +172,7 @@ async def test_dalle3_url_delivery_passes_the_url_on(fake):
 
 
 async def test_dalle3_url_answer_is_downloaded_without_the_key(fake):
+    fake.today = BEFORE_DALLE_SHUTDOWN
     fake.answer_with_url = True
     result = await generate(fake, make_job(), model="dall-e-3")
 
@@ -174,6 +183,7 @@ async def test_dalle3_url_answer_is_downloaded_without_the_key(fake):
 
 
 async def test_dalle3_style_it_cannot_take_is_reported_ignored(fake):
+    fake.today = BEFORE_DALLE_SHUTDOWN
     result = await generate(fake, make_job(style="watercolor"), model="dall-e-3", style="vivid")
 
     [call] = fake.api_requests("/v1/images/generations")
@@ -213,13 +223,14 @@ async def test_parameters_openai_lacks_are_listed_as_ignored(fake):
 
 
 async def test_edit_with_one_reference_uses_the_image_field(fake):
+    fake.today = date(2026, 11, 30)  # gpt-image-1.5 shuts down on 2026-12-01
     ref = reference(300, 200)
     job = make_job([ref], reference_image={"uri": "file:///ref.png"})
-    result = await generate(fake, job, input_fidelity="high", moderation="low")
+    result = await generate(fake, job, model="gpt-image-1.5", input_fidelity="high", moderation="low")
 
     [call] = fake.api_requests("/v1/images/edits")
     assert call.form == {
-        "model": ["gpt-image-1"],
+        "model": ["gpt-image-1.5"],
         "prompt": ["a lighthouse at dusk"],
         "n": ["1"],
         "size": ["1536x1024"],  # from the reference's landscape shape
@@ -238,6 +249,7 @@ async def test_edit_with_one_reference_uses_the_image_field(fake):
 
 
 async def test_edit_with_several_references_uses_repeated_image_array_fields(fake):
+    fake.today = date(2026, 11, 30)  # gpt-image-1-mini shuts down on 2026-12-01
     refs = [reference(64, 64, "png"), reference(64, 96, "jpeg"), reference(96, 64, "webp")]
     sources = [{"uri": f"file:///ref{i}"} for i in range(3)]
     await generate(fake, make_job(refs, reference_images=sources, width=1024, height=1024), model="gpt-image-1-mini")
@@ -285,8 +297,8 @@ def test_gpt_image_2_sizes_always_fit_its_rules(width, height):
 
 
 async def test_size_change_is_reported_in_applied(fake):
-    result = await generate(fake, make_job(width=1920, height=1080))
-    assert (result.applied["size"], result.applied["width"], result.applied["height"]) == ("1536x1024", 1536, 1024)
+    result = await generate(fake, make_job(width=1920, height=1080))  # gpt-image-2: multiples of 16
+    assert (result.applied["size"], result.applied["height"]) == ("1920x1088", 1088) and "width" not in result.applied
 
 
 async def test_configured_size_is_the_default(fake):
@@ -310,8 +322,11 @@ async def test_configured_size_is_the_default(fake):
         {"model": "dall-e-3", "size": "auto"},
         {"background": "transparent", "output_format": "jpeg"},
         {"base_url": "ftp://example.com"},
-        {"model": "dall-e-2"},
         {"api_key": "sk-inline"},
+        {"model": "gpt-image-2", "input_fidelity": "low"},
+        {"model": "gpt-image-1-mini", "input_fidelity": "high"},
+        {"model": "dall-e-2", "style": "vivid"},
+        {"model": "bad model name"},
     ],
 )
 def test_config_refuses_what_the_model_cannot_take(fields):
@@ -468,21 +483,97 @@ async def test_aclose_is_idempotent_and_reopen_works(fake):
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/images/generations", {"model": "gpt-image-1", "prompt": "x", "response_format": "b64_json"}),
+        ("/images/generations", {"model": "gpt-image-2", "prompt": "x", "response_format": "b64_json"}),
         ("/images/generations", {"model": "dall-e-3", "prompt": "x", "n": 2}),
-        ("/images/generations", {"model": "gpt-image-1", "prompt": "x", "size": "1792x1024"}),
-        ("/images/generations", {"model": "gpt-image-1", "prompt": "x", "seed": 1}),
-        ("/images/edits", {"model": "gpt-image-1", "prompt": "x"}),
+        ("/images/generations", {"model": "gpt-image-1.5", "prompt": "x", "size": "1792x1024"}),
+        ("/images/generations", {"model": "gpt-image-2", "prompt": "x", "seed": 1}),
+        ("/images/edits", {"model": "gpt-image-2", "prompt": "x"}),
     ],
 )
 async def test_fake_refuses_requests_the_real_api_refuses(fake, path, body):
+    fake.today = BEFORE_DALLE_SHUTDOWN
     async with httpx.AsyncClient(base_url=fake.base_url, headers={"Authorization": f"Bearer {PLANTED_KEY}"}) as client:
         response = await client.post(path, json=body)
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
 async def test_fake_refuses_dalle3_edits(fake):
+    fake.today = BEFORE_DALLE_SHUTDOWN
     async with httpx.AsyncClient(base_url=fake.base_url, headers={"Authorization": f"Bearer {PLANTED_KEY}"}) as client:
         files = [("image", ("a.png", reference(64, 64).data, "image/png"))]
         response = await client.post("/images/edits", data={"model": "dall-e-3", "prompt": "x"}, files=files)
     assert response.status_code == 400 and "dall-e-3" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("model", "fidelity", "ok"),
+    [
+        ("gpt-image-1.5", "high", True),
+        ("gpt-image-1-mini", "low", True),
+        ("gpt-image-1-mini", "high", False),
+        ("gpt-image-2", "low", False),
+    ],
+)
+async def test_fake_takes_input_fidelity_only_where_openai_does(fake, model, fidelity, ok):
+    fake.today = date(2026, 11, 30)
+    async with httpx.AsyncClient(base_url=fake.base_url, headers={"Authorization": f"Bearer {PLANTED_KEY}"}) as client:
+        files = [("image", ("a.png", reference(64, 64).data, "image/png"))]
+        form = {"model": model, "prompt": "x", "input_fidelity": fidelity}
+        response = await client.post("/images/edits", data=form, files=files)
+    assert response.status_code == (200 if ok else 400), response.text
+
+
+# -- models: a free string, a table of what is known, retirements ---------------------------------
+
+
+@pytest.mark.parametrize("model", ["gpt-image-1", "dall-e-3", "dall-e-2"])
+async def test_a_retired_model_is_refused_by_openai_and_named_in_the_error(fake, model):
+    with pytest.raises(GenerationFailed) as caught:
+        await generate(fake, make_job(), model=model)
+    assert caught.value.status == 404 and not caught.value.retryable and model in str(caught.value)
+    async with make_generator(fake, model=model) as generator:
+        report = await generator.health()
+    assert not report.ok and "model_not_found" in report.detail
+
+
+async def test_the_default_model_is_current(fake):
+    assert OpenAIConfig().model == "gpt-image-2"
+    assert OpenAIConfig().startup_warnings() == []
+    assert len((await generate(fake, make_job())).images) == 1
+
+
+async def test_an_unknown_model_is_sent_with_the_generic_gpt_image_parameters(fake):
+    fake.new_models = ("gpt-image-3",)
+    job = make_job([reference(300, 200)], reference_image={"uri": "file:///ref.png"}, width=1920, height=1080)
+    result = await generate(fake, job, model="gpt-image-3", quality="high", background="opaque")
+    [call] = fake.api_requests("/v1/images/edits")
+    assert call.form["model"] == ["gpt-image-3"] and call.form["size"] == ["1536x1024"]  # the generic sizes
+    assert call.form["quality"] == ["high"] and call.form["background"] == ["opaque"]
+    assert result.applied["model"] == "gpt-image-3"
+    generator = make_generator(fake, model="gpt-image-3")
+    assert generator.capabilities.max_reference_images == 16 and generator.config.startup_warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("model", "today", "words"),
+    [
+        ("gpt-image-1", date(2026, 11, 30), "shut gpt-image-1 down on 2026-10-23"),
+        ("dall-e-3", date(2026, 11, 30), "shut dall-e-3 down on 2026-05-12"),
+        ("gpt-image-1-mini", date(2026, 11, 30), "shuts gpt-image-1-mini down on 2026-12-01"),
+        ("gpt-image-1.5", date(2026, 12, 1), "shut gpt-image-1.5 down on 2026-12-01"),
+    ],
+)
+def test_startup_warnings_for_retired_and_retiring_models(model, today, words):
+    (warning,) = OpenAIConfig(model=model).startup_warnings(today)
+    assert words in warning and "gpt-image-2" in warning
+
+
+async def test_the_manager_logs_startup_warnings_when_it_opens(caplog):
+    configs = {"old": OpenAIConfig(model="gpt-image-1"), "new": OpenAIConfig()}
+    manager = GeneratorManager(configs, default="new")
+    assert manager.startup_warnings() == [("old", OpenAIConfig(model="gpt-image-1").startup_warnings()[0])]
+    with caplog.at_level(logging.WARNING, logger="image_server.manager"):
+        async with manager:
+            pass
+    (record,) = [r for r in caplog.records if "gpt-image-1" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.getMessage().startswith("generator old: OpenAI shut")

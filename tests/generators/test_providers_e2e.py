@@ -67,7 +67,7 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
             yield Served("falai", base | fields | table, {"FAL_KEY": FAL_KEY}, (FAL_KEY, *FAL_KEY.split(":")), fake)
     elif provider == "openai":
         with fake_openai(api_key=OPENAI_KEY) as fake:
-            fields = {"strategy": "openai", "model": "gpt-image-1", "base_url": fake.base_url}
+            fields = {"strategy": "openai", "model": "gpt-image-2", "base_url": fake.base_url}
             yield Served("openai", base | fields | table, {"OPENAI_API_KEY": OPENAI_KEY}, (OPENAI_KEY,), fake)
     elif provider == "kie":
         with FakeKie(api_key=KIE_KEY) as fake:
@@ -230,9 +230,9 @@ async def test_openai_text_to_image(through_service):
     event = outcome.ready
     assert event.generator == "openai"
     image = assert_stored_image(event)
-    assert image.size == (12, 8)  # the fake answers 1/128 of the size it was asked for
-    assert call.json()["size"] == "1536x1024" and call.headers["authorization"] == f"Bearer {OPENAI_KEY}"
-    assert event.applied["size"] == "1536x1024" and event.applied["height"] == 1024
+    assert image.size == (12, 7)  # the fake answers 1/128 of the size it was asked for
+    assert call.json()["size"] == "1536x992" and call.headers["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert event.applied["size"] == "1536x992" and event.applied["height"] == 992  # multiples of 16, area kept
     assert event.ignored == ["seed"]  # the Images API has no seed
 
 

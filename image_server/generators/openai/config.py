@@ -1,22 +1,27 @@
 """OpenAI Images models and their limits, size mapping, and the ``openai`` strategy's config.
 
-Per providers/API_CONTRACTS.md section 2.1/2.2; the generator itself is in ``openai.py``.
+Per providers/API_CONTRACTS.md section 2.1/2.2; the generator itself is in ``generator.py``.
+The model is a free string: ``MODELS`` knows the limits of the models OpenAI lists, and any
+other name is sent with the generic gpt-image parameters (``GENERIC``), so a model released
+after this table still works.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import date
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from image_server.generators.base import GeneratorConfig
 
-OpenAIModel = Literal["gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2", "dall-e-3"]
+DEFAULT_MODEL = "gpt-image-2"
 GPT_IMAGE_SIZES = ("1024x1024", "1536x1024", "1024x1536")
 DALLE3_SIZES = ("1024x1024", "1792x1024", "1024x1792")
+DALLE2_SIZES = ("256x256", "512x512", "1024x1024")
 GPT_IMAGE_QUALITIES = frozenset({"low", "medium", "high", "auto"})
 DALLE3_QUALITIES = frozenset({"standard", "hd"})
 DALLE3_STYLES = ("vivid", "natural")
@@ -35,16 +40,35 @@ class ModelSpec:
     max_images: int
     max_references: int  # 0: the model has no edits endpoint
     max_prompt_chars: int
+    input_fidelity: frozenset[str] = frozenset()  # values the edits endpoint takes; empty: none
+    styles: tuple[str, ...] = ()  # dall-e-3's vivid/natural
+    shutdown: date | None = None  # OpenAI's shutdown date (past: retired; future: scheduled)
+
+    def retired(self, today: date) -> bool:
+        return self.shutdown is not None and self.shutdown <= today
 
 
-_GPT = ModelSpec(True, GPT_IMAGE_SIZES, GPT_IMAGE_QUALITIES, 10, 16, 32_000)
+_FIDELITY = frozenset({"high", "low"})
+_GPT = ModelSpec(True, GPT_IMAGE_SIZES, GPT_IMAGE_QUALITIES, 10, 16, 32_000, _FIDELITY)
+# Any other model name: the parameters every gpt-image model takes, input_fidelity as configured.
+GENERIC = _GPT
+# Shutdown dates as the official SDK notes them (issue 9): gpt-image-1 on 2026-10-23, dall-e-2/3 on
+# 2026-05-12; gpt-image-1-mini and gpt-image-1.5 are listed for 2026-12-01.
 MODELS: dict[str, ModelSpec] = {
-    "gpt-image-1": _GPT,
-    "gpt-image-1-mini": _GPT,
-    "gpt-image-1.5": _GPT,
-    "gpt-image-2": ModelSpec(True, None, GPT_IMAGE_QUALITIES, 10, 16, 32_000),
-    "dall-e-3": ModelSpec(False, DALLE3_SIZES, DALLE3_QUALITIES, 1, 0, 4_000),
+    "gpt-image-2": ModelSpec(True, None, GPT_IMAGE_QUALITIES, 10, 16, 32_000),  # no input_fidelity
+    "gpt-image-1.5": replace(_GPT, shutdown=date(2026, 12, 1)),
+    "gpt-image-1-mini": replace(_GPT, input_fidelity=frozenset({"low"}), shutdown=date(2026, 12, 1)),
+    "gpt-image-1": replace(_GPT, shutdown=date(2026, 10, 23)),
+    "dall-e-3": ModelSpec(
+        False, DALLE3_SIZES, DALLE3_QUALITIES, 1, 0, 4_000, styles=DALLE3_STYLES, shutdown=date(2026, 5, 12)
+    ),
+    "dall-e-2": ModelSpec(False, DALLE2_SIZES, frozenset({"standard"}), 10, 1, 1_000, shutdown=date(2026, 5, 12)),
 }
+
+
+def model_spec(model: str) -> ModelSpec:
+    """The known limits of ``model``, or the generic gpt-image ones."""
+    return MODELS.get(model, GENERIC)
 
 
 def size_dims(size: str) -> tuple[int, int]:
@@ -83,7 +107,7 @@ def _free_size(width: int, height: int) -> str:
 
 def nearest_size(model: str, width: int, height: int) -> str:
     """The supported size string closest to ``width`` x ``height``: aspect ratio first, then area."""
-    spec = MODELS[model]
+    spec = model_spec(model)
     if spec.sizes is None:
         return _free_size(width, height)
     ratio, area = math.log(width / height), math.log(width * height)
@@ -96,7 +120,7 @@ def nearest_size(model: str, width: int, height: int) -> str:
 
 
 def _size_allowed(model: str, size: str) -> bool:
-    spec = MODELS[model]
+    spec = model_spec(model)
     if size == "auto":
         return spec.gpt_image
     if spec.sizes is not None:
@@ -113,7 +137,8 @@ class OpenAIConfig(GeneratorConfig):
     )
 
     strategy: Literal["openai"] = "openai"
-    model: OpenAIModel = "gpt-image-1"
+    # Any model name; MODELS knows the limits of OpenAI's listed ones (see the module docstring).
+    model: str = Field(default=DEFAULT_MODEL, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
     api_key_env: str = Field(default="OPENAI_API_KEY", min_length=1)
     base_url: str = "https://api.openai.com/v1"
     organization_env: str | None = None
@@ -136,9 +161,21 @@ class OpenAIConfig(GeneratorConfig):
             raise ValueError("base_url must be an http(s) URL")
         return value.rstrip("/")
 
+    @property
+    def spec(self) -> ModelSpec:
+        return model_spec(self.model)
+
+    def startup_warnings(self, today: date | None = None) -> list[str]:
+        spec, today = self.spec, today or date.today()
+        if spec.retired(today):
+            return [f"OpenAI shut {self.model} down on {spec.shutdown}: requests will fail; use {DEFAULT_MODEL}"]
+        if spec.shutdown is not None:
+            return [f"OpenAI shuts {self.model} down on {spec.shutdown}; move to {DEFAULT_MODEL}"]
+        return []
+
     @model_validator(mode="after")
     def _fits_model(self) -> OpenAIConfig:
-        spec = MODELS[self.model]
+        spec = self.spec
         if self.size is not None and not _size_allowed(self.model, self.size):
             fixed = ", ".join(spec.sizes) if spec.sizes else "WxH (multiples of 16, within 3:1, up to 3840x2160)"
             allowed = f"auto, {fixed}" if spec.gpt_image else fixed
@@ -149,10 +186,13 @@ class OpenAIConfig(GeneratorConfig):
             )
         gpt_only = ("background", "output_format", "output_compression", "moderation", "input_fidelity")
         misplaced = [name for name in gpt_only if getattr(self, name) is not None and not spec.gpt_image]
-        if self.style is not None and spec.gpt_image:
+        if self.style is not None and self.style not in spec.styles:
             misplaced.append("style")
         if misplaced:
             raise ValueError(f"{', '.join(misplaced)} cannot be used with {self.model}")
+        if self.input_fidelity is not None and spec.gpt_image and self.input_fidelity not in spec.input_fidelity:
+            takes = f"only {', '.join(sorted(spec.input_fidelity))}" if spec.input_fidelity else "no input_fidelity"
+            raise ValueError(f"input_fidelity {self.input_fidelity!r} is not valid for {self.model} (it takes {takes})")
         if self.background == "transparent" and self.output_format == "jpeg":
             raise ValueError("background 'transparent' needs output_format png or webp")
         return self

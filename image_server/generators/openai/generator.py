@@ -30,7 +30,7 @@ from image_server.generators.http import (
     scrub,
     translate_transport_errors,
 )
-from image_server.generators.openai.config import DALLE3_STYLES, MODELS, OpenAIConfig, nearest_size, size_dims
+from image_server.generators.openai.config import OpenAIConfig, nearest_size, size_dims
 from image_server.generators.openai.wire import ResultItem, error_fields, inspect_image, parse_payload, retry_after_of
 
 __all__ = ["OpenAIConfig", "OpenAIGenerator"]
@@ -50,14 +50,14 @@ class OpenAIGenerator(HTTPGenerator):
 
     @property
     def capabilities(self) -> Capabilities:
-        spec = MODELS[self.config.model]
+        spec = self.config.spec
         return Capabilities(
             image_to_image=spec.max_references > 0,
             max_reference_images=spec.max_references,
             max_images=spec.max_images,
             max_prompt_chars=spec.max_prompt_chars,
             # No seed, negative prompt, steps, guidance or strength exist; dall-e-3 has vivid/natural styles.
-            parameters=frozenset() if spec.gpt_image else frozenset({"style"}),
+            parameters=frozenset({"style"}) if spec.styles else frozenset(),
         )
 
     def read_credentials(self) -> None:
@@ -146,7 +146,8 @@ class OpenAIGenerator(HTTPGenerator):
         ignored: list[str] = []
         if config.quality is not None:
             params["quality"] = config.quality
-        if MODELS[config.model].gpt_image:
+        spec = config.spec
+        if spec.gpt_image:
             # GPT image models always answer in base64 and refuse response_format.
             fmt = config.output_format or request.output_format
             if config.background == "transparent" and fmt == "jpeg":
@@ -161,8 +162,8 @@ class OpenAIGenerator(HTTPGenerator):
             if config.input_fidelity is not None and edit:
                 params["input_fidelity"] = config.input_fidelity
         else:
-            style = request.style if request.style in DALLE3_STYLES else config.style
-            if request.style is not None and request.style not in DALLE3_STYLES:
+            style = request.style if request.style in spec.styles else config.style
+            if request.style is not None and request.style not in spec.styles:
                 ignored.append("style")
             if style is not None:
                 params["style"] = style
