@@ -99,6 +99,8 @@ EXAMPLE_NAMES = {
     "cloudflare",
     "kie",
     "cloudflare_flux",
+    "cloudflare_sdxl",
+    "cloudflare_img2img",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -160,7 +162,16 @@ def test_all_examples_uncommented_validate(optional):
         name: get_generator_class(table.strategy)(table, name=name, environ={}) for name, table in generators.items()
     }
     i2i = {name for name, generator in built.items() if generator.capabilities.image_to_image}
-    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "openai_wide", "gemini", "kie"}
+    assert i2i == {
+        "mock",
+        "falai_lightning_i2i",
+        "falai_flux_i2i",
+        "openai",
+        "openai_wide",
+        "gemini",
+        "kie",
+        "cloudflare_img2img",
+    }
 
 
 @pytest.mark.parametrize("block", range(5))

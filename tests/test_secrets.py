@@ -138,7 +138,7 @@ def cloudflare_provider() -> Iterator[Provider]:
                 fake.scenario, fake.api_token, fake.delay_s = scenario, token, 2.0
                 if scenario == "echo_cut":  # the key straddles the 300 characters kept of a message
                     body = envelope(errors=[(5000, "x" * 284 + PLANTED)])
-                    fake.answer = lambda token, account: (500, body, {}, "application/json")
+                    fake.answer = lambda token, account, model: (500, body, {}, "application/json")
 
             return apply
 

@@ -1,5 +1,8 @@
 """A fake Cloudflare Workers AI API (``ai/run/{model}``, ``ai/models/search``), per API_CONTRACTS.md section 4.
 
+Each model has its own input schema (``SCHEMAS``: fields, steps name and limit, whether it needs an
+image); unknown fields are a 400 as the published schemas' ``additionalProperties: false`` makes them.
+
 Use as ``with FakeCloudflare() as fake:``; set ``fake.scenario`` per test, point the
 generator's ``base_url`` at ``fake.base_url`` and pass ``environ=fake.environ``.
 """
@@ -11,6 +14,7 @@ import json
 import re
 import threading
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,6 +38,33 @@ Scenario = Literal[
 RUN_PATH = re.compile(r"^/client/v4/accounts/([^/]+)/ai/run/(@[^/]+/[^/]+/[^/]+)$")
 SEARCH_PATH = re.compile(r"^/client/v4/accounts/([^/]+)/ai/models/search$")
 SCHEMA_ERROR = 5006  # "invalid input" for schema violations (code as commonly reported; UNCONFIRMED)
+FLUX = "@cf/black-forest-labs/flux-1-schnell"
+SDXL = "@cf/stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_LIGHTNING = "@cf/bytedance/stable-diffusion-xl-lightning"
+SD_IMG2IMG = "@cf/runwayml/stable-diffusion-v1-5-img2img"
+
+
+@dataclass(frozen=True)
+class Schema:
+    fields: frozenset[str]  # besides prompt
+    steps_field: str
+    max_steps: int
+    needs_image: bool = False
+    answers_png: bool = False  # raw image/png bytes instead of the JSON envelope
+
+
+# flux-1-schnell: prompt, steps <= 8, and seed (Cloudflare's own examples send it). The Stable
+# Diffusion models share one schema: num_steps <= 20, sizes 256..2048, image/image_b64 + strength.
+SD_FIELDS = frozenset(
+    {"negative_prompt", "height", "width", "image", "image_b64", "mask", "num_steps", "strength", "guidance", "seed"}
+)
+SCHEMAS = {
+    FLUX: Schema(frozenset({"steps", "seed"}), "steps", 8),
+    SDXL: Schema(SD_FIELDS, "num_steps", 20, answers_png=True),
+    SDXL_LIGHTNING: Schema(SD_FIELDS, "num_steps", 20, answers_png=True),
+    SD_IMG2IMG: Schema(SD_FIELDS, "num_steps", 20, needs_image=True, answers_png=True),
+}
+GENERIC = Schema(frozenset({"steps"}), "steps", 8)  # a model a test adds with ``models=``
 
 
 def tiny_image(fmt: str = "jpeg", size: tuple[int, int] = (8, 8)) -> bytes:
@@ -55,7 +86,7 @@ class FakeCloudflare:
         *,
         api_token: str = "test-cf-token",
         account_id: str = "0123456789abcdef0123456789abcdef",
-        models: tuple[str, ...] = ("@cf/black-forest-labs/flux-1-schnell",),
+        models: tuple[str, ...] = tuple(SCHEMAS),
     ) -> None:
         self.api_token = api_token
         self.account_id = account_id
@@ -70,10 +101,8 @@ class FakeCloudflare:
         """Back to the default scenario with nothing recorded (to share one server across tests)."""
         self.models = set(self._models)
         self.scenario: Scenario = "ok"
-        # The published schema sets additionalProperties false: unknown keys are a 400.
-        self.strict_schema = True
         self.max_prompt_chars = 2048
-        self.max_steps = 8
+        self.extra_fields: dict[str, frozenset[str]] = {}  # per model: fields a test says it also takes
         self.retry_after: str | None = "3"
         self.delay_s = 5.0
         with self.recorder.lock:
@@ -100,24 +129,47 @@ class FakeCloudflare:
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
 
-    def validate(self, body: bytes) -> str | None:
-        """The model schema: ``prompt`` 1..2048 chars, ``steps`` integer <= 8, nothing else."""
+    def validate(self, model: str, body: bytes) -> str | None:
+        """The model's schema (``SCHEMAS``): the 400 message for ``body``, or None when it passes."""
+        schema = SCHEMAS.get(model, GENERIC)
         try:
             request = json.loads(body)
         except ValueError:
             return "Request is missing headers or body: invalid JSON"
-        prompt = request.get("prompt") if isinstance(request, dict) else None
+        if not isinstance(request, dict):
+            return "Error: the body must be an object"
+        prompt = request.get("prompt")
         if not isinstance(prompt, str) or not 1 <= len(prompt) <= self.max_prompt_chars:
             return f"Error: /prompt must be a string of 1 to {self.max_prompt_chars} characters"
-        steps = request.get("steps", 4)
-        if not isinstance(steps, int) or steps > self.max_steps:
-            return f"Error: /steps must be an integer <= {self.max_steps}"
-        extra = sorted(set(request) - {"prompt", "steps"})
-        if self.strict_schema and extra:
+        extra = sorted(set(request) - {"prompt"} - schema.fields - self.extra_fields.get(model, frozenset()))
+        if extra:
             return f"Error: must NOT have additional properties: {', '.join(extra)}"
+        steps = request.get(schema.steps_field, 1)
+        if not _is_int(steps) or not 1 <= steps <= schema.max_steps:
+            return f"Error: /{schema.steps_field} must be an integer from 1 to {schema.max_steps}"
+        for side in ("width", "height"):
+            if side in request and (not _is_int(request[side]) or not 256 <= request[side] <= 2048):
+                return f"Error: /{side} must be an integer from 256 to 2048"
+        if "seed" in request and not _is_int(request["seed"]):
+            return "Error: /seed must be an integer"
+        for name, low, high in (("strength", 0.0, 1.0), ("guidance", 0.0, 30.0)):
+            value = request.get(name, low)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value <= high:
+                return f"Error: /{name} must be a number from {low} to {high}"
+        image = request.get("image_b64")
+        if image is not None:
+            try:
+                base64.b64decode(image, validate=True)
+            except (ValueError, TypeError):
+                return "AiError: invalid base64 data"  # code 5004 in Cloudflare's table
+        if schema.needs_image and image is None and "image" not in request:
+            return "Error: /image or /image_b64 is required"
         return None
 
-    def answer(self, token: str, account_id: str) -> tuple[int, Any, dict[str, str], str]:
+    def answers_png(self, model: str) -> bool:
+        return SCHEMAS.get(model, GENERIC).answers_png
+
+    def answer(self, token: str, account_id: str, model: str) -> tuple[int, Any, dict[str, str], str]:
         """(status, body, headers, content type) for an authenticated, valid request."""
         scenario = self.scenario
         if scenario == "slow":
@@ -135,7 +187,7 @@ class FakeCloudflare:
             status, code, message = errors[scenario]
             headers = {"Retry-After": self.retry_after} if scenario == "capacity" and self.retry_after else {}
             return status, envelope(errors=[(code, message)]), headers, "application/json"
-        if scenario == "raw_png":
+        if scenario == "raw_png" or self.answers_png(model):
             return 200, tiny_image("png"), {}, "image/png"
         if scenario == "malformed":
             return 200, b"<html>bad gateway</html>", {}, "text/html"
@@ -177,13 +229,17 @@ class _CloudflareHandler(JSONHandler):
         if match.group(2) not in self.fake.models:
             self.send_json(400, envelope(errors=[(5007, f"No such model {match.group(2)} or task")]))
             return
-        problem = self.fake.validate(body)
+        problem = self.fake.validate(match.group(2), body)
         if problem is not None:
             self.send_json(400, envelope(errors=[(SCHEMA_ERROR, problem)]))
             return
-        status, payload, headers, content_type = self.fake.answer(self.fake.api_token, match.group(1))
+        status, payload, headers, content_type = self.fake.answer(self.fake.api_token, match.group(1), match.group(2))
         try:
             raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
             self.send_bytes(status, raw, content_type, headers)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
             pass
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,9 +23,10 @@ from image_server.errors import (
     Unsupported,
 )
 from image_server.generators import RenderJob, check_request, validate_generator_config
+from image_server.generators.base import ReferenceImage
 from image_server.generators.cloudflare import CloudflareConfig, CloudflareGenerator
 from schemas import RenderRequest
-from tests.fakes.cloudflare import FakeCloudflare, tiny_image
+from tests.fakes.cloudflare import SD_IMG2IMG, SDXL, SDXL_LIGHTNING, FakeCloudflare, tiny_image
 
 PLANTED_TOKEN = "cfut_PLANTED-token-0123456789"
 PLANTED_ACCOUNT = "feedfacecafebeef0123456789abcdef"
@@ -67,12 +69,12 @@ async def test_text_to_image_sends_the_contract_request(fake: FakeCloudflare, ge
     headers = {key.lower(): value for key, value in sent.headers.items()}
     assert headers["authorization"] == f"Bearer {PLANTED_TOKEN}"
     assert headers["content-type"] == "application/json"
-    assert sent.json() == {"prompt": "a lighthouse at dusk", "steps": 4}
+    assert sent.json() == {"prompt": "a lighthouse at dusk", "steps": 4, "seed": 3}
     (image,) = result.images
-    assert image.format == "jpeg" and image.seed is None
+    assert image.format == "jpeg" and image.seed == 3
     assert Image.open(io.BytesIO(image.data or b"")).format == "JPEG"
-    assert result.applied == {"model": "@cf/black-forest-labs/flux-1-schnell", "steps": 4}
-    assert result.ignored == ["seed", "negative_prompt", "width", "height"]
+    assert result.applied == {"model": "@cf/black-forest-labs/flux-1-schnell", "steps": 4, "seed": 3}
+    assert result.ignored == ["negative_prompt", "width", "height"]
 
 
 @pytest.mark.parametrize(("requested", "sent"), [(1, 1), (6, 6), (8, 8), (9, 8), (30, 8)])
@@ -114,10 +116,16 @@ async def test_image_to_image_is_unsupported(fake: FakeCloudflare, gen: Cloudfla
     assert fake.requests == []
 
 
-async def test_seed_is_sent_only_when_enabled(fake: FakeCloudflare) -> None:
-    fake.strict_schema = False
-    async with make(fake, send_seed=True) as generator:
-        assert generator.capabilities.parameters == frozenset({"steps", "seed"})
+async def test_a_model_the_table_lacks_gets_prompt_and_steps_and_seed_only_on_request(fake) -> None:
+    new = "@cf/someone/new-model"
+    fake.models.add(new)
+    async with make(fake, model=new) as generator:
+        assert generator.capabilities.parameters == frozenset({"steps"})
+        result = await generator.generate(job(seed=42, guidance_scale=3.0))
+    assert fake.requests[-1].json() == {"prompt": "a lighthouse at dusk", "steps": 4}
+    assert result.ignored == ["seed", "guidance_scale"]
+    fake.extra_fields[new] = frozenset({"seed"})
+    async with make(fake, model=new, send_seed=True) as generator:
         result = await generator.generate(job(seed=42))
     assert fake.requests[-1].json() == {"prompt": "a lighthouse at dusk", "steps": 4, "seed": 42}
     assert result.applied["seed"] == 42 and result.images[0].seed == 42 and "seed" not in result.ignored
@@ -234,7 +242,16 @@ async def test_missing_or_bad_credentials_are_unavailable(fake, environ: dict[st
 def test_config_validation_and_registry() -> None:
     config = validate_generator_config("cf", {"strategy": "cloudflare", "steps": 6})
     assert isinstance(config, CloudflareConfig) and config.steps == 6
-    for bad in ({"steps": 9}, {"model": "@cf/../.."}, {"model": "@cf/a/b/c"}, {"base_url": "file:///etc"}):
+    bad_tables = (
+        {"steps": 9},
+        {"max_steps": 9},  # flux-1-schnell takes at most 8
+        {"model": SDXL, "max_steps": 21},
+        {"model": "@cf/../.."},
+        {"model": "@cf/a/b/c"},
+        {"base_url": "file:///etc"},
+        {"family": "dalle"},
+    )
+    for bad in bad_tables:
         with pytest.raises(ValidationError):
             CloudflareConfig(**bad)
 
@@ -247,3 +264,101 @@ async def test_lifecycle(fake: FakeCloudflare) -> None:
     await generator.aclose()
     await generator.aclose()
     assert not (await generator.health()).ok
+
+
+# -- the Stable Diffusion family -------------------------------------------------------------------
+
+
+def png_reference(side: int = 300) -> ReferenceImage:
+    return ReferenceImage(data=tiny_image("png", (side, side)), format="png", width=side, height=side)
+
+
+@pytest.mark.parametrize("model", [SDXL, SDXL_LIGHTNING])
+async def test_sdxl_models_get_num_steps_size_seed_negative_prompt_and_guidance(fake, model) -> None:
+    request = dict(steps=30, seed=5, negative_prompt="fog", guidance_scale=6.5, width=768, height=512, style="noir")
+    async with make(fake, model=model) as generator:
+        result = await generator.generate(job(**request))
+    assert fake.requests[-1].json() == {
+        "prompt": "a lighthouse at dusk",
+        "num_steps": 20,  # clamped to the model's maximum
+        "seed": 5,
+        "negative_prompt": "fog",
+        "guidance": 6.5,
+        "width": 768,
+        "height": 512,
+    }
+    assert result.applied == {
+        "model": model,
+        "steps": 20,
+        "steps_requested": 30,
+        "seed": 5,
+        "negative_prompt": "fog",
+        "guidance_scale": 6.5,
+        "width": 768,
+        "height": 512,
+    }
+    assert result.ignored == ["style"]
+    assert result.images[0].format == "png"  # these models answer with PNG bytes
+
+
+async def test_sdxl_default_steps_are_its_own(fake) -> None:
+    async with make(fake, model=SDXL) as generator:
+        result = await generator.generate(job())
+    assert fake.requests[-1].json() == {"prompt": "a lighthouse at dusk", "num_steps": 20}
+    assert result.applied == {"model": SDXL, "steps": 20} and result.ignored == []
+
+
+async def test_img2img_model_sends_the_reference_and_strength(fake) -> None:
+    reference = png_reference()
+    source = {"image_data": base64.b64encode(reference.data).decode()}
+    request = RenderRequest(request_id="r1", prompt="paint it", strength=0.4, reference_image=source)
+    async with make(fake, model=SD_IMG2IMG, steps=10) as generator:
+        caps = generator.capabilities
+        assert caps.image_to_image and not caps.text_to_image and caps.max_reference_images == 1
+        assert "strength" in caps.parameters
+        result = await generator.generate(RenderJob(request=request, references=[reference]))
+    body = fake.requests[-1].json()
+    assert base64.b64decode(body.pop("image_b64")) == reference.data
+    assert body == {"prompt": "paint it", "num_steps": 10, "strength": 0.4}
+    assert result.applied == {"model": SD_IMG2IMG, "steps": 10, "strength": 0.4}
+
+
+async def test_img2img_model_needs_a_reference_and_text_models_refuse_one(fake) -> None:
+    async with make(fake, model=SD_IMG2IMG) as generator:
+        with pytest.raises(Unsupported, match="needs a reference image"):
+            await generator.generate(job())
+    reference = png_reference()
+    source = {"image_data": base64.b64encode(reference.data).decode()}
+    async with make(fake, model=SDXL) as generator:
+        with pytest.raises(Unsupported, match="does not take reference images"):
+            await generator.generate(
+                RenderJob(request=RenderRequest(request_id="r1", prompt="p", reference_image=source))
+            )
+    assert fake.requests == []
+
+
+async def test_sizes_outside_the_sd_range_are_refused_before_calling(fake) -> None:
+    async with make(fake, model=SDXL) as generator:
+        assert (generator.capabilities.min_size, generator.capabilities.max_size) == (256, 2048)
+        with pytest.raises(Unsupported, match="width 128"):
+            await generator.generate(job(width=128))
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "words"),
+    [
+        ("@cf/black-forest-labs/flux-1-schnell", {"prompt": "x", "num_steps": 4}, "additional properties: num_steps"),
+        ("@cf/black-forest-labs/flux-1-schnell", {"prompt": "x", "width": 512}, "additional properties: width"),
+        ("@cf/black-forest-labs/flux-1-schnell", {"prompt": "x", "steps": 9}, "/steps"),
+        (SDXL, {"prompt": "x", "steps": 4}, "additional properties: steps"),
+        (SDXL, {"prompt": "x", "num_steps": 21}, "/num_steps"),
+        (SDXL, {"prompt": "x", "width": 4096}, "/width"),
+        (SDXL, {"prompt": "x", "strength": 2}, "/strength"),
+        (SD_IMG2IMG, {"prompt": "x"}, "image"),
+        (SD_IMG2IMG, {"prompt": "x", "image_b64": "not base64!"}, "base64"),
+    ],
+)
+def test_fake_refuses_fields_the_model_does_not_take(fake, model, body, words) -> None:
+    problem = fake.validate(model, json.dumps(body).encode())
+    assert problem is not None and words in problem

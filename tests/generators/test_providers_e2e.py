@@ -256,9 +256,9 @@ async def test_cloudflare_text_to_image(through_service):
     event = outcome.ready
     assert event.generator == "cloudflare"
     assert_stored_image(event)
-    assert call.json() == {"prompt": "a canyon", "steps": 8}  # clamped to the model's maximum
-    assert event.applied["steps"] == 8 and event.applied["steps_requested"] == 30
-    assert sorted(event.ignored) == ["seed", "width"]
+    assert call.json() == {"prompt": "a canyon", "steps": 8, "seed": 9}  # steps clamped to the model's maximum
+    assert event.applied["steps"] == 8 and event.applied["steps_requested"] == 30 and event.applied["seed"] == 9
+    assert event.ignored == ["width"]  # flux-1-schnell makes its own size
 
 
 async def test_kie_text_to_image_with_progress(through_service):

@@ -1,7 +1,8 @@
-"""Cloudflare Workers AI text-to-image (``@cf/black-forest-labs/flux-1-schnell``) over REST.
+"""Cloudflare Workers AI image models (FLUX.1 schnell, the Stable Diffusion family) over REST.
 
 Plain httpx against ``/accounts/{account_id}/ai/run/{model}`` (API_CONTRACTS.md section 4);
-account id and API token both come from environment variables named in config.
+the body is built per model family (models.py, wire.py); account id and API token both come
+from environment variables named in config.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from image_server.generators.base import (
     check_request,
 )
 from image_server.generators.cloudflare.config import CloudflareConfig
-from image_server.generators.cloudflare.wire import read_image
+from image_server.generators.cloudflare.wire import build_body, read_image
 from image_server.generators.http import (
     HTTPGenerator,
     error_for_status,
@@ -50,7 +51,8 @@ MAX_DETAIL_CHARS = 300
 
 
 class CloudflareGenerator(HTTPGenerator):
-    """Text-to-image only; prompt length and steps are bounded by the model's schema."""
+    """Text-to-image (and image-to-image for the img2img model); prompt length, steps and sizes
+    are bounded by the model's schema."""
 
     strategy: ClassVar[str] = "cloudflare"
     config_model: ClassVar[type[GeneratorConfig]] = CloudflareConfig
@@ -61,9 +63,15 @@ class CloudflareGenerator(HTTPGenerator):
 
     @property
     def capabilities(self) -> Capabilities:
+        family = self.config.model_family
         return Capabilities(
+            text_to_image=family.text_to_image,
+            image_to_image=family.image_to_image,
+            max_reference_images=1 if family.image_to_image else 0,
+            min_size=family.min_size,
+            max_size=family.max_size,
             max_prompt_chars=self.config.max_prompt_chars,
-            parameters=frozenset({"steps", "seed"} if self.config.send_seed else {"steps"}),
+            parameters=family.parameters | ({"seed"} if self.config.send_seed else set()),
         )
 
     def read_credentials(self) -> None:
@@ -75,17 +83,15 @@ class CloudflareGenerator(HTTPGenerator):
         config, request = self.config, job.request
         try:
             ignored = check_request(self.capabilities, request, self.name)
-            # The output size is the model's own (UNCONFIRMED, 1024x1024 typical): say so.
-            ignored += [side for side in ("width", "height") if getattr(request, side) is not None]
-            # Clamping keeps a habitual "steps=30" working; applied shows what was really used.
-            steps = min(request.steps or config.steps, config.max_steps)
-            body: dict[str, Any] = {"prompt": request.prompt, "steps": steps}
-            if config.send_seed and request.seed is not None:
-                body["seed"] = request.seed
+            reference = job.references[0] if job.references else None
+            if reference is None:
+                run = build_body(config, request, None, ignored)
+            else:  # base64 of a big reference is worth a thread
+                run = await asyncio.to_thread(build_body, config, request, reference, ignored)
             with translate_transport_errors(self.name, self._token, self._account_id):
                 response = await client.post(
                     f"/accounts/{self._account_id}/ai/run/{config.model}",
-                    json=body,
+                    json=run.body,
                     headers={"authorization": f"Bearer {self._token}"},
                 )
             if response.status_code >= 400:
@@ -101,13 +107,8 @@ class CloudflareGenerator(HTTPGenerator):
             exc.request_id = exc.request_id or request.request_id
             exc.generator = exc.generator or self.name
             raise
-        applied: dict[str, Any] = {"model": config.model, "steps": steps}
-        if request.steps is not None and request.steps > steps:
-            applied["steps_requested"] = request.steps
-        if "seed" in body:
-            applied["seed"] = request.seed
-        image = GeneratedImage(data=data, format=fmt, seed=body.get("seed"))
-        return GenerationResult(images=[image], prompt=request.prompt, applied=applied, ignored=ignored)
+        image = GeneratedImage(data=data, format=fmt, seed=run.body.get("seed"))
+        return GenerationResult(images=[image], prompt=request.prompt, applied=run.applied, ignored=run.ignored)
 
     async def health(self) -> HealthReport:
         """Model search on the account: checks the token, the account id and the model name."""
