@@ -183,9 +183,56 @@ class _GeminiHandler(JSONHandler):
             pass
 
 
+# What the v1beta proto-JSON parser knows (camelCase and snake_case both parse); anything else is a
+# 400 INVALID_ARGUMENT "Unknown name", and an enum value it does not know is a 400 "Invalid value".
+REQUEST_FIELDS = {"contents", "generationConfig", "safetySettings", "systemInstruction", "tools", "toolConfig"}
+REQUEST_FIELDS |= {"cachedContent"}
+GENERATION_FIELDS = {"responseModalities", "imageConfig", "temperature", "topP", "topK", "candidateCount"}
+GENERATION_FIELDS |= {"maxOutputTokens", "stopSequences", "seed", "responseMimeType", "presencePenalty"}
+GENERATION_FIELDS |= {"frequencyPenalty", "thinkingConfig", "mediaResolution", "responseSchema", "responseLogprobs"}
+IMAGE_CONFIG_FIELDS = {"aspectRatio", "imageSize"}
+MODALITIES = {"MODALITY_UNSPECIFIED", "TEXT", "IMAGE", "AUDIO"}
+ASPECT_RATIOS = {"1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"}
+IMAGE_SIZES = {"1K", "2K", "4K"}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(word.title() for word in rest)
+
+
+def _unknown(fields: dict[str, Any], known: set[str], where: str) -> None:
+    for name in fields:
+        if _camel(name) not in known:
+            raise ValueError(f"Unknown name \"{name}\" at '{where}': Cannot find field.")
+
+
+def _check_generation_config(config: Any) -> None:
+    if not isinstance(config, dict):
+        raise ValueError("Invalid value at 'generation_config': expected an object")
+    _unknown(config, GENERATION_FIELDS, "generation_config")
+    config = {_camel(key): value for key, value in config.items()}
+    for index, modality in enumerate(config.get("responseModalities", [])):
+        if modality not in MODALITIES:
+            raise ValueError(f"Invalid value at 'generation_config.response_modalities[{index}]', \"{modality}\"")
+    image = config.get("imageConfig", {})
+    if not isinstance(image, dict):
+        raise ValueError("Invalid value at 'generation_config.image_config': expected an object")
+    _unknown(image, IMAGE_CONFIG_FIELDS, "generation_config.image_config")
+    image = {_camel(key): value for key, value in image.items()}
+    if "aspectRatio" in image and image["aspectRatio"] not in ASPECT_RATIOS:
+        raise ValueError(f"Unsupported aspect ratio {image['aspectRatio']!r}")
+    if "imageSize" in image and image["imageSize"] not in IMAGE_SIZES:
+        raise ValueError(f"Unsupported image size {image['imageSize']!r}")
+
+
 def _count_image_parts(body: bytes) -> int:
     """Validate the request the way the REST endpoint does (camel or snake keys)."""
     request = json.loads(body)
+    _unknown(request, REQUEST_FIELDS, "")
+    config = request.get("generationConfig", request.get("generation_config"))
+    if config is not None:
+        _check_generation_config(config)
     parts = request["contents"][0]["parts"]
     if not any(isinstance(part.get("text"), str) and part["text"] for part in parts):
         raise ValueError("a text part is required")

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -301,3 +302,30 @@ async def test_lifecycle(fake: FakeGemini) -> None:
     await generator.aclose()
     await generator.aclose()
     assert not (await generator.health()).ok
+
+
+# -- the fake refuses what the real endpoint refuses --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("generation_config", "ok", "words"),
+    [
+        ({"responseModalities": ["TEXT", "IMAGE"], "imageConfig": {"aspectRatio": "16:9"}}, True, ""),
+        ({"response_modalities": ["IMAGE"], "image_config": {"aspect_ratio": "1:1", "image_size": "2K"}}, True, ""),
+        ({"responseModalities": ["PICTURE"]}, False, "response_modalities[0]"),
+        ({"imageConfig": {"aspectRatio": "7:5"}}, False, "aspect ratio"),
+        ({"imageConfig": {"imageSize": "8K"}}, False, "image size"),
+        ({"imageConfig": {"resolution": "1K"}}, False, 'Unknown name "resolution"'),
+        ({"seed": 3, "negativePrompt": "fog"}, False, 'Unknown name "negativePrompt"'),
+    ],
+)
+async def test_fake_refuses_generation_config_it_does_not_know(fake, generation_config, ok, words) -> None:
+    body = {"contents": [{"role": "user", "parts": [{"text": "a fox"}]}], "generationConfig": generation_config}
+    url = f"{fake.url}/v1beta/models/gemini-2.5-flash-image:generateContent"
+    async with httpx.AsyncClient() as client:
+        response = await client.post(url, json=body, headers={"x-goog-api-key": PLANTED_KEY})
+    if ok:
+        assert response.status_code == 200, response.text
+    else:
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["status"] == "INVALID_ARGUMENT" and words in error["message"]
