@@ -18,7 +18,9 @@ import pytest
 from PIL import Image, ImageStat
 
 from image_server.generators.mock.drawing import draw
+from tests.fakes.fal import serve_fal
 from tests.fakes.kie import FakeKie
+from tests.fakes.server import TLS_CERT
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_KEY = "TEST_CLI_ABSENT_OPENAI_KEY"
@@ -239,3 +241,21 @@ def test_shipped_config_renders_from_another_directory(run: Run, tmp_path: Path,
     with Image.open(io.BytesIO(path.read_bytes())) as image:
         assert image.size == (256, 128)
     assert list(workdir.iterdir()) == []
+
+
+def test_generators_check_reaches_fal_at_the_configured_host(run: Run, tmp_path: Path) -> None:
+    """`generators --check` asks fal's storage for a token at ``rest_url``: here a fake over https
+    trusted through the generator's ``ca_bundle``, in a subprocess with no fal module patched."""
+    with serve_fal(tls=True) as fake:
+        table = (
+            '[generators.falai]\nstrategy = "fal"\nendpoint = "fal-ai/fast-lightning-sdxl"\n'
+            f'rest_url = "{fake.base_url}"\nca_bundle = "{TLS_CERT}"\n'
+        )
+        config = write_config(tmp_path, table)
+        done = run("--config", str(config), "generators", "--check", env={"FAL_KEY": fake.scenario.key})
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert table_rows(done.stdout)["falai"][-1].startswith("ok key accepted by fal"), done.stdout
+        (token,) = fake.requests("POST", "/storage/auth/token")
+        assert token.headers["Authorization"] == f"Key {fake.scenario.key}"
+        wrong = run("--config", str(config), "generators", "--check", env={"FAL_KEY": "not-the-key"})
+    assert wrong.returncode == 1 and "fal rejected the key in FAL_KEY (HTTP 401)" in wrong.stderr

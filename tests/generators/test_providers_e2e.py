@@ -205,6 +205,9 @@ async def test_fal_text_to_image_with_progress(through_service):
     generating = [p for p in outcome.progress if p.stage == "generating"]
     assert "generating" in [p.message for p in generating], outcome.progress
     assert all(p.generator == "falai" for p in generating)
+    # fal's queue position reaches the client (the first provider update always passes the throttle).
+    assert (generating[0].message, generating[0].queue_position) == ("queued at fal, position 0", 0)
+    assert all(p.queue_position is None for p in generating if p.message != "queued at fal, position 0")
 
 
 async def test_fal_image_to_image_with_a_data_uri_reference(through_service):
