@@ -99,6 +99,8 @@ async def test_text_to_image_maps_request_and_reports_progress(fake):
     assert (image.width, image.height, image.seed) == (8, 8, 7)
     assert result.prompt == "a red fox"
     assert all(r.headers["Authorization"] == f"Key {fake.scenario.key}" for r in fake.requests("POST", "/fal-ai"))
+    # fal drops the request if it is still queued when the render's timeout_s (120 s) runs out.
+    assert fake.requests("POST", "/fal-ai")[0].headers["X-Fal-Request-Timeout"] == "120.0"
 
 
 async def test_flux_schnell_clamps_steps_passes_guidance_and_downloads_all_images(fake):

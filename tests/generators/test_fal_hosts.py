@@ -8,7 +8,7 @@ import random
 import pytest
 from pydantic import ValidationError
 
-from image_server.errors import GenerationFailed, RateLimited, Unsupported
+from image_server.errors import GenerationFailed, GeneratorUnavailable, RateLimited, Unsupported
 from image_server.generators.fal import FalConfig, FalGenerator
 from image_server.manager import GeneratorManager
 from image_server.resilience import CooldownTracker, run_chain
@@ -83,6 +83,16 @@ async def test_https_fake_is_trusted_through_the_generators_ca_bundle_only():
         with pytest.raises(GenerationFailed, match="CERTIFICATE_VERIFY_FAILED"):
             await render(make_generator(fake), make_job()[0])
         assert not (await make_generator(fake).health()).ok
+
+
+@pytest.mark.parametrize("bundle", ["missing.pem", "not-a-certificate.pem"])
+async def test_an_unreadable_ca_bundle_makes_the_generator_unavailable(fake, tmp_path, bundle):
+    (tmp_path / "not-a-certificate.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    generator = make_generator(fake, ca_bundle=str(tmp_path / bundle))
+    with pytest.raises(GeneratorUnavailable, match="cannot read ca_bundle"):
+        await generator.open()
+    assert not (await generator.health()).ok  # a report, not an exception
+    assert not fake.requests()
 
 
 async def test_health_check_uses_the_configured_rest_host(fake):

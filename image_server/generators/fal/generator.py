@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from image_server.errors import GeneratorUnavailable
 from image_server.generators.base import (
     Capabilities,
     GenerationResult,
@@ -78,7 +79,12 @@ class FalGenerator(Generator):
         # A CA bundle is trusted by this generator's clients only, never by the process.
         verify: ssl.SSLContext | bool = True
         if config.ca_bundle is not None:
-            verify = await asyncio.to_thread(ssl.create_default_context, cafile=config.ca_bundle)
+            try:
+                verify = await asyncio.to_thread(ssl.create_default_context, cafile=config.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise GeneratorUnavailable(
+                    f"generator {self.name!r}: cannot read ca_bundle {config.ca_bundle}: {exc}", generator=self.name
+                ) from exc
         common: dict[str, Any] = {"verify": verify, "proxy": config.proxy, "headers": {"User-Agent": USER_AGENT}}
         self._api = httpx.AsyncClient(timeout=config.request_timeout_s, **common)
         self._api.headers["Authorization"] = f"Key {self._key}"
@@ -142,7 +148,10 @@ class FalGenerator(Generator):
                 ok=True, detail=f"API key present in {env}; not verified (fal.ai has no authenticated no-op)"
             )
         opened_here = self._api is None
-        await self.open()
+        try:
+            await self.open()
+        except GeneratorUnavailable as exc:
+            return HealthReport(ok=False, detail=str(exc))
         _, storage, _ = self._require_open()
         try:
             with translate_fal_errors(self.name, self._key):
