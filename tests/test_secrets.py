@@ -180,7 +180,7 @@ def fal_provider() -> Iterator[Provider]:
 
         echo = {"detail": f"No user found for Key {FAL_PLANTED}", "error_type": "auth"}
         table = {"strategy": "fal", "endpoint": "fal-ai/fast-lightning-sdxl", "api_key_env": KEY_ENV, **FAST}
-        table |= fake.hosts()
+        table |= fake.hosts() | {"progress_logs": True}
         table |= {"poll_interval_s": 0.01, "request_timeout_s": 0.5, "cancel_timeout_s": 0.5, "timeout_s": 0.6}
         dead = dead_url()
         yield Provider(
@@ -194,6 +194,11 @@ def fal_provider() -> Iterator[Provider]:
                 # The cut at 497 characters of a detail falls inside the key's secret half.
                 "500-echo-cut": mode(errors={"submit": FakeError(500, {"detail": "x" * 473 + FAL_PLANTED})}),
                 "malformed-result": mode(raw_result=b'{"images": [{"url": "' + FAL_PLANTED.encode()),
+                # fal's log lines become progress messages: one that quotes the key is scrubbed.
+                "log-leak": mode(
+                    logs=[{"message": f"authorized with {FAL_PLANTED}", "level": "INFO"}],
+                    errors={"result": FakeError.platform(500, "runner_server_error")},
+                ),
                 "timeout": mode(hang_at_poll=0),
             },
             key_seen=lambda: any(PLANTED in str(r.headers) for r in fake.requests()),
