@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from tests.fakes.fal_rules import check_arguments
+from tests.fakes.fal_rules import check_arguments, unknown_fields
 from tests.fakes.fal_state import (
     DEFAULT_KEY,
     DEFAULT_STATUSES,
@@ -155,10 +155,14 @@ class FalHandler(JSONHandler):
         except ValueError:
             self.send_json(400, {"detail": "body is not JSON", "error_type": "bad_request"})
             return None
-        problems = check_arguments(endpoint, arguments, strict=scenario.strict, known_files=set(self.fake.files))
+        problems = check_arguments(endpoint, arguments, known_files=set(self.fake.files))
         if problems:
             self.send_json(422, {"detail": problems})
             return None
+        dropped = unknown_fields(endpoint, arguments)
+        if dropped:
+            with self.fake.lock:
+                self.fake.dropped.append((endpoint, dropped))
         job = FakeJob(self.fake.next_id(), endpoint, arguments)
         with self.fake.lock:
             self.fake.jobs[job.request_id] = job
@@ -286,3 +290,4 @@ def serve_fal(scenario: FalScenario | None = None, *, tls: bool = False) -> Iter
         finally:
             fake.release_all()
         assert not fake.crashes, f"the fake fal server crashed: {fake.crashes!r}"
+        assert not fake.dropped, f"fal would have ignored these arguments: {fake.dropped!r}"

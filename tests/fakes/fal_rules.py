@@ -1,7 +1,9 @@
 """Input rules of the four fal endpoints we use (contract section 1.6), as the fake checks them.
 
-Errors come back as fal does: pydantic-style ``detail`` items. ``strict`` also refuses fields an
-endpoint does not list (real fal may ignore them; the fake is stricter to catch mapping slips).
+Errors come back as fal does: pydantic-style ``detail`` items. Fields an endpoint does not list are
+not refused: fal documents no such refusal (API_CONTRACTS.md 1.7: "real fal may ignore them"), and a
+fake stricter than fal would pass nothing real. The fake lists them instead, and ``serve_fal`` fails
+the test that sent any: a mapping slip that fal would silently drop.
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ def _image_problem(url: Any, known_files: set[str]) -> str | None:
     return "expected a data URI or an uploaded file URL"
 
 
-def check_arguments(
-    endpoint: str, args: dict[str, Any], *, strict: bool, known_files: set[str]
-) -> list[dict[str, Any]]:
+def unknown_fields(endpoint: str, args: dict[str, Any]) -> list[str]:
+    """Fields of ``args`` that a known endpoint does not take (fal would drop them)."""
+    rule = RULES.get(endpoint)
+    return [] if rule is None else sorted(key for key in args if key not in rule.fields)
+
+
+def check_arguments(endpoint: str, args: dict[str, Any], *, known_files: set[str]) -> list[dict[str, Any]]:
     """The problems fal would report for ``args`` (empty when they are acceptable)."""
     problems = []
     if not isinstance(args.get("prompt"), str) or not args["prompt"]:
@@ -63,10 +69,6 @@ def check_arguments(
     rule = RULES.get(endpoint)
     if rule is None:
         return problems
-    if strict:
-        problems.extend(
-            _problem(k, "extra inputs are not permitted", "extra_forbidden") for k in args if k not in rule.fields
-        )
     if rule.image and (reason := _image_problem(args.get("image_url"), known_files)) is not None:
         problems.append(_problem("image_url", reason, "value_error"))
     steps = args.get("num_inference_steps")

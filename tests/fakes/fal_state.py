@@ -55,7 +55,6 @@ class FalScenario:
     hang_at_poll: int | None = None  # this status poll (0-based) blocks until cancel or shutdown
     submit_delay_s: float = 0.0  # submit answers this late (to cancel a render mid-submit)
     image_side: int = 8
-    strict: bool = True  # 422 for arguments the known endpoints do not take (see fal_rules)
     # Log items; status poll n (0-based) returns the first n + 1 of them, as fal accumulates logs.
     logs: Sequence[dict[str, str]] = ()
 
@@ -86,6 +85,7 @@ class FakeFal:
         self.submitting = threading.Event()  # set when a submit arrives
         self.stopping = threading.Event()  # set at shutdown: ends delays early
         self.crashes: list[Exception] = []
+        self.dropped: list[tuple[str, list[str]]] = []  # (endpoint, fields it does not take), see fal_rules
         self._ids = itertools.count(1)
 
     def hosts(self) -> dict[str, str]:

@@ -215,3 +215,10 @@ async def test_more_loras_than_the_endpoint_takes_is_unsupported(fake):
     with pytest.raises(Unsupported, match="at most 3 LoRAs"):
         await render(make_generator(fake, FLUX_LORA), make_job(loras=loras)[0])
     assert not fake.jobs
+
+
+async def test_the_fake_answers_arguments_fal_would_ignore_but_flags_them(fake):
+    """Like fal, the fake does not refuse an argument the endpoint lacks; unlike fal, it tells."""
+    result = await render(make_generator(fake, LIGHTNING, arguments={"acceleration": "high"}), make_job()[0])
+    assert result.images and fake.dropped == [(LIGHTNING, ["acceleration"])]
+    fake.dropped.clear()  # serve_fal would fail this test at teardown otherwise
