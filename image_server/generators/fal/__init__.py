@@ -1,4 +1,4 @@
-"""The fal strategy: fal.ai's queue API through fal-client (imported only when a fal generator opens)."""
+"""The fal strategy: fal.ai's queue and run HTTP APIs, spoken with httpx."""
 
 from image_server.generators.fal.config import FalConfig
 from image_server.generators.fal.generator import FalGenerator
