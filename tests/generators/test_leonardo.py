@@ -17,7 +17,7 @@ from image_server.errors import (
     RateLimited,
     Unsupported,
 )
-from image_server.generators import RenderJob, ReferenceImage, validate_generator_config
+from image_server.generators import ReferenceImage, RenderJob, validate_generator_config
 from image_server.generators.leonardo import LeonardoConfig, LeonardoGenerator
 from schemas import LoraSpec, RenderRequest
 from tests.fakes.images import solid_bytes

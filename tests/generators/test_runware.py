@@ -12,7 +12,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from image_server.errors import ContentPolicy, GenerationFailed, InvalidRequest, RateLimited, Unsupported
-from image_server.generators import RenderJob, ReferenceImage, validate_generator_config
+from image_server.generators import ReferenceImage, RenderJob, validate_generator_config
 from image_server.generators.runware import RunwareConfig, RunwareGenerator
 from schemas import LoraSpec, RenderRequest
 from tests.fakes.images import solid_bytes
