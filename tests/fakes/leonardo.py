@@ -30,7 +30,8 @@ Scenario = Literal[
     "lost",  # polls answer ``generations_by_pk: null``
     "rate_limited",  # create answers 429 (with Retry-After)
     "moderation",  # create answers 400: the prompt was blocked by moderation (format UNCONFIRMED)
-    "echo_key",  # create answers 500 with an error text quoting the bearer key it was sent
+    "echo_key",  # create answers 500 with an error text quoting the bearer key it was sent (after ``echo_padding`` x's)
+    "internal",  # create answers 500
     "malformed",  # create answers 200 with a body that is not JSON
     "hang",  # polls never complete (PENDING forever)
 ]
@@ -78,6 +79,7 @@ class FakeLeonardo:
         with self.lock:
             self.scenario: Scenario = "ok"
             self.pending_polls = 1
+            self.echo_padding = 0
             self.generations: dict[str, Generation] = {}
             self.init_images: dict[str, InitImage] = {}
             self.s3_posts: list[tuple[dict[str, list[str]], list[str], dict[str, str]]] = []
@@ -147,7 +149,8 @@ class FakeLeonardo:
         errors: dict[str, tuple[int, Any, dict[str, str]]] = {
             "rate_limited": (429, hasura_error("Too many requests", "rate-limit"), {"Retry-After": "4"}),
             "moderation": (400, hasura_error("Your prompt was blocked by our content moderation filter", "unexpected"), {}),
-            "echo_key": (500, hasura_error(f"internal error for key {self.api_key}", "unexpected"), {}),
+            "echo_key": (500, hasura_error("x" * self.echo_padding + f" error for key {self.api_key}", "unexpected"), {}),
+            "internal": (500, hasura_error("Internal server error", "unexpected"), {}),
         }  # fmt: skip
         if self.scenario in errors:
             return errors[self.scenario]

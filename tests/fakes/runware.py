@@ -28,7 +28,9 @@ Scenario = Literal[
     "no_credits",  # 402 insufficientCredits
     "task_error",  # 200; the imageInference task fails on its own (per-task error), uploads succeed
     "nsfw",  # results carry NSFWContent true when checkNSFW was set
-    "echo_key",  # 500 whose message repeats the key it was sent
+    "echo_key",  # 500 whose message repeats the key it was sent (after ``echo_padding`` x's)
+    "internal",  # 500 internalError
+    "slow",  # answers only after ``delay_s`` (or when the fake shuts down)
     "malformed",  # 200 with a body that is not JSON
     "async_error",  # async tasks end in status "error"
 ]
@@ -61,6 +63,7 @@ class FakeRunware:
         self.api_key = api_key
         self.recorder = Recorder()
         self.lock = threading.Lock()
+        self.released = threading.Event()
         self._stack = ExitStack()
         self.url = ""
         self.reset()
@@ -70,6 +73,8 @@ class FakeRunware:
             self.scenario: Scenario = "ok"
             self.size_multiple = 64
             self.processing_polls = 1
+            self.echo_padding = 0
+            self.delay_s = 5.0
             self.uploads: dict[str, bytes] = {}
             self.inferences: list[dict[str, Any]] = []  # tasks that ran (not dry runs)
             self.async_tasks: dict[str, AsyncTask] = {}
@@ -104,6 +109,7 @@ class FakeRunware:
     def __enter__(self) -> FakeRunware:
         handler = type("Handler", (_RunwareHandler,), {"fake": self, "recorder": self.recorder})
         self.url = self._stack.enter_context(serve_in_thread(handler))
+        self._stack.callback(self.released.set)  # runs first: frees handlers stuck in "slow"
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -137,7 +143,12 @@ class FakeRunware:
         if scenario == "no_credits":
             return 402, {"errors": [{"code": "insufficientCredits", "message": "Insufficient credits"}]}, {}
         if scenario == "echo_key":
-            return 500, {"errors": [{"code": "internalError", "message": f"failed for {self.api_key}"}]}, {}
+            message = "x" * self.echo_padding + f" failed for {self.api_key}"
+            return 500, {"errors": [{"code": "internalError", "message": message}]}, {}
+        if scenario == "internal":
+            return 500, {"errors": [{"code": "internalError", "message": "Internal error"}]}, {}
+        if scenario == "slow":
+            self.released.wait(self.delay_s)
         dry_run = headers.get("x-runware-dry-run") == "1"
         data: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -299,4 +310,7 @@ class _RunwareHandler(JSONHandler):
             return
         headers = {key.lower(): value for key, value in self.headers.items()}
         status, payload, extra = self.fake.handle(body, headers)
-        self.send_json(status, payload, extra)
+        try:
+            self.send_json(status, payload, extra)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout tests)
+            pass
