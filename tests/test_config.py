@@ -98,6 +98,8 @@ EXAMPLE_NAMES = {
     "cloudflare",
     "kie",
     "cloudflare_flux",
+    "leonardo",
+    "runware",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -131,7 +133,7 @@ def example_count() -> int:
 
 
 def test_examples_stay_comments_in_the_shipped_config():
-    assert example_count() == 5  # fal, openai, gemini, cloudflare, kie with cloudflare_flux
+    assert example_count() == 7  # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -150,7 +152,7 @@ def test_all_examples_uncommented_validate(optional):
         for field, value in table.model_dump().items():
             if field.endswith("_env") and value is not None:
                 assert re.fullmatch(r"[A-Z][A-Z0-9_]*", value), f"{name}.{field} = {value!r}"
-    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie"}
+    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie", "leonardo", "runware"}
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
     assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-1", "dall-e-3"}
     # Each builds a generator (no key needed before open()) whose capabilities fit its name.
@@ -158,10 +160,10 @@ def test_all_examples_uncommented_validate(optional):
         name: get_generator_class(table.strategy)(table, name=name, environ={}) for name, table in generators.items()
     }
     i2i = {name for name, generator in built.items() if generator.capabilities.image_to_image}
-    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "gemini", "kie"}
+    assert i2i == {"mock", "falai_lightning_i2i", "falai_flux_i2i", "openai", "gemini", "kie", "leonardo", "runware"}
 
 
-@pytest.mark.parametrize("block", range(5))
+@pytest.mark.parametrize("block", range(7))
 def test_each_example_validates_on_its_own(block):
     data = tomllib.loads(uncomment_examples(SHIPPED, only=block))
     added = set(build_config(data).generators) - {"mock"}
