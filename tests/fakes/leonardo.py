@@ -80,6 +80,7 @@ class FakeLeonardo:
             self.scenario: Scenario = "ok"
             self.pending_polls = 1
             self.echo_padding = 0
+            self.failing_polls = 0  # the next polls answer 503 (then it counts down)
             self.generations: dict[str, Generation] = {}
             self.init_images: dict[str, InitImage] = {}
             self.s3_posts: list[tuple[dict[str, list[str]], list[str], dict[str, str]]] = []
@@ -112,7 +113,8 @@ class FakeLeonardo:
     # -- the API's rules ------------------------------------------------------------------------------
 
     def validate(self, body: Any) -> str | None:
-        """What the real API refuses (bounds from the SDK's field docs)."""
+        """What the real API refuses (bounds from the SDK's field docs). Unknown body keys pass:
+        whether Leonardo refuses them is not documented, and a fake must not be stricter."""
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or not body["prompt"]:
             return "prompt is required"
         for side in ("width", "height"):
@@ -266,6 +268,9 @@ class _LeonardoHandler(JSONHandler):
             self.send_json(
                 200, {"user_details": [{"user": {"id": "u-1", "username": "fake"}, "apiSubscriptionTokens": 500}]}
             )
+        elif ident is not None and self.fake.failing_polls > 0:
+            self.fake.failing_polls -= 1
+            self.send_json(503, hasura_error("Service unavailable", "unexpected"), {"Retry-After": "0"})
         elif ident is not None:
             self.send_json(200, self.fake.poll(ident))
         else:

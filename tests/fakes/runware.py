@@ -231,8 +231,6 @@ class FakeRunware:
         need(isinstance(cfg, int | float) and 0 <= cfg <= 50, "CFGScale", "CFGScale must be 0..50")
         strength = task.get("strength", 0.8)
         need(isinstance(strength, int | float) and 0 <= strength <= 1, "strength", "strength must be 0..1")
-        if "strength" in task:
-            need("seedImage" in task, "strength", "strength needs a seedImage")
         for image in ([task["seedImage"]] if "seedImage" in task else []) + list(task.get("referenceImages", [])):
             need(
                 self.known_image(image), "seedImage", "images must be an uploaded imageUUID, a URL, base64 or data URI"

@@ -175,6 +175,18 @@ async def test_failures_map_to_our_errors(fake, gen, scenario, error, retryable,
         assert caught.value.retry_after == 4.0
 
 
+async def test_failed_polls_are_waited_out_up_to_a_limit(fake: FakeLeonardo) -> None:
+    """A poll is free and the generation runs on: a passing 503 must not cost a second generation."""
+    fake.failing_polls = 2
+    async with make(fake, poll_failures_tolerated=2) as gen:
+        result = await gen.generate(job())
+        assert len(result.images) == 1 and len(fake.generations) == 1
+        fake.failing_polls = 3
+        with pytest.raises(GenerationFailed, match="HTTP 503") as caught:
+            await gen.generate(job())
+    assert caught.value.retryable and len(fake.generations) == 2
+
+
 async def test_a_wrong_key_is_an_authentication_failure(fake: FakeLeonardo) -> None:
     async with make(fake, environ={"LEONARDO_API_KEY": "not-the-key"}) as gen:
         with pytest.raises(GenerationFailed, match="authentication failed") as caught:

@@ -81,6 +81,9 @@ class LeonardoConfig(GeneratorConfig):
     poll_interval_s: float = Field(default=1.0, gt=0, le=30)  # first wait; grows by poll_backoff
     poll_backoff: float = Field(default=1.5, ge=1.0, le=4.0)
     poll_max_interval_s: float = Field(default=5.0, gt=0, le=60)
+    # Retryable failures of status polls in a row that are waited out (the generation runs on,
+    # and is paid for, whatever happens to one poll); one more ends the render.
+    poll_failures_tolerated: int = Field(default=3, ge=0, le=20)
     # Remove the uploaded init image once the generation is done; delete a generation we abandon.
     delete_init_images: bool = True
     delete_cancelled: bool = True

@@ -166,10 +166,20 @@ class LeonardoGenerator(HTTPGenerator):
         config = self.config
         delays = backoff_delays(config.poll_interval_s, config.poll_backoff, config.poll_max_interval_s)
         path = f"/generations/{generation_id}"
+        failures = 0
         try:
             while True:
                 await asyncio.sleep(next(delays))
-                payload = await self._call(client, "GET", path, "polling the generation")
+                try:
+                    payload = await self._call(client, "GET", path, "polling the generation")
+                except GenerationFailed as exc:
+                    failures += 1
+                    if not exc.retryable or failures > config.poll_failures_tolerated:
+                        raise
+                    logger.info("%s: poll %d of %s failed, polling on: %s", self.name, failures, generation_id, exc)
+                    await asyncio.sleep(min(exc.retry_after or 0.0, config.poll_max_interval_s))
+                    continue
+                failures = 0
                 polled = parse_generation(payload, generator=self.name, refuse_nsfw=config.refuse_nsfw)
                 if polled.status == "COMPLETE":
                     return polled
