@@ -62,9 +62,10 @@ def reference(fmt: str = "png") -> ReferenceImage:
 
 async def test_text_to_image_creates_polls_and_downloads(fake: FakeLeonardo, gen: LeonardoGenerator) -> None:
     fake.pending_polls = 2
-    result = await gen.generate(
-        job(width=1000, height=600, seed=5, steps=80, guidance_scale=7.4, negative_prompt="fog", num_images=2)
-    )
+    render = job(width=1000, height=600, seed=5, steps=80, guidance_scale=7.4, negative_prompt="fog", num_images=2)
+    seen: list[tuple[float | None, str | None]] = []
+    render.progress = lambda fraction, message: seen.append((fraction, message))
+    result = await gen.generate(render)
 
     (create,) = fake.calls("POST", "/generations")
     assert create.headers["authorization"] == f"Bearer {KEY}"
@@ -81,6 +82,7 @@ async def test_text_to_image_creates_polls_and_downloads(fake: FakeLeonardo, gen
         "seed": 5,
     }
     assert len(fake.calls("GET", "/generations/")) == 3  # PENDING twice, then COMPLETE
+    assert seen == [(None, "pending at Leonardo")]
     assert [image.format for image in result.images] == ["jpeg", "jpeg"]
     assert Image.open(io.BytesIO(result.images[0].data or b"")).size == (8, 8)
     cdn = [r for r in fake.requests if r.path.startswith("/cdn/")]

@@ -166,7 +166,7 @@ class LeonardoGenerator(HTTPGenerator):
         config = self.config
         delays = backoff_delays(config.poll_interval_s, config.poll_backoff, config.poll_max_interval_s)
         path = f"/generations/{generation_id}"
-        failures = 0
+        failures = polls = 0
         try:
             while True:
                 await asyncio.sleep(next(delays))
@@ -187,7 +187,9 @@ class LeonardoGenerator(HTTPGenerator):
                     raise GenerationFailed(
                         f"{self.name}: Leonardo reports the generation FAILED", error_type="FAILED", generator=self.name
                     )
-                job.progress(None, "pending")
+                if polls == 0:  # once: every poll says the same, and the service shows elapsed time
+                    job.progress(None, "pending at Leonardo")
+                polls += 1
         except asyncio.CancelledError:
             if config.delete_cancelled:
                 self._cleanup(client, path)
