@@ -81,6 +81,8 @@ class FakeLeonardo:
             self.pending_polls = 1
             self.echo_padding = 0
             self.failing_polls = 0  # the next polls answer 503 (then it counts down)
+            self.create_started = threading.Event()
+            self.create_gate: threading.Event | None = None  # set: create answers only once it is set
             self.generations: dict[str, Generation] = {}
             self.init_images: dict[str, InitImage] = {}
             self.s3_posts: list[tuple[dict[str, list[str]], list[str], dict[str, str]]] = []
@@ -156,6 +158,9 @@ class FakeLeonardo:
         }  # fmt: skip
         if self.scenario in errors:
             return errors[self.scenario]
+        self.create_started.set()
+        if self.create_gate is not None:
+            self.create_gate.wait(5.0)
         generation = Generation(str(uuid.uuid4()), body)
         with self.lock:
             self.generations[generation.id] = generation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -218,6 +219,23 @@ async def test_a_cancelled_render_deletes_its_generation(fake: FakeLeonardo, gen
         while not generation.deleted:
             await asyncio.sleep(0.01)
     assert fake.calls("DELETE", "/generations/")[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_a_render_cancelled_mid_create_still_deletes_the_generation(fake: FakeLeonardo, gen) -> None:
+    gate = fake.create_gate = threading.Event()
+    task = asyncio.ensure_future(gen.generate(job()))
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.to_thread(fake.create_started.wait, DEADLINE)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        gate.set()  # Leonardo answers after all: the generation exists, and is paid for
+    async with asyncio.timeout(DEADLINE):
+        while not (fake.generations and all(g.deleted for g in fake.generations.values())):
+            await asyncio.sleep(0.01)
+    assert not fake.calls("GET", "/generations/")
 
 
 async def test_delivery_url_hands_leonardos_urls_on(fake: FakeLeonardo, gen: LeonardoGenerator) -> None:

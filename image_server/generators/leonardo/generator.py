@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import Any, ClassVar
 
 import httpx
@@ -92,8 +92,7 @@ class LeonardoGenerator(HTTPGenerator):
                 job.progress(None, "uploading the init image")
                 init_image_id = await self._upload_init_image(client, job.references[0])
             built = build_body(job, self.config, ignored=ignored, init_image_id=init_image_id, generator=self.name)
-            payload = await self._call(client, "POST", "/generations", "creating the generation", json=built.body)
-            generation_id = parse_created(payload, generator=self.name)
+            generation_id = await self._create(client, built.body)
             logger.debug("%s: %s is Leonardo generation %s", self.name, request.request_id, generation_id)
             polled = await self._wait(client, generation_id, job)
             if request.delivery == "url":  # hand Leonardo's URLs on untouched
@@ -161,6 +160,30 @@ class LeonardoGenerator(HTTPGenerator):
             raise leonardo_error(response, generator=self.name, key=self._key, what="uploading the init image")
         return image_id
 
+    async def _create(self, client: httpx.AsyncClient, body: dict[str, Any]) -> str:
+        """``POST /generations``. A cancel that lands mid-call still waits (in the background,
+        bounded) for the generation id and deletes it: nobody wants it, and it is paid for."""
+        call = asyncio.ensure_future(self._call(client, "POST", "/generations", "creating the generation", json=body))
+        try:
+            payload = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            if self.config.delete_cancelled:
+                self._detach(self._delete_once_created(client, call))
+            else:
+                call.cancel()
+            raise
+        return parse_created(payload, generator=self.name)
+
+    async def _delete_once_created(self, client: httpx.AsyncClient, call: asyncio.Future[Any]) -> None:
+        try:
+            async with asyncio.timeout(self.config.cleanup_timeout_s):
+                payload = await call
+            generation_id = parse_created(payload, generator=self.name)
+        except (GeneratorError, TimeoutError) as exc:  # failed or too slow: nothing we can delete
+            logger.info("%s: a cancelled create left nothing to delete: %s", self.name, scrub(str(exc), self._key))
+            return
+        await self._delete(client, f"/generations/{generation_id}")
+
     async def _wait(self, client: httpx.AsyncClient, generation_id: str, job: RenderJob) -> Polled:
         """Poll with growing delays until COMPLETE or FAILED; a cancel deletes the generation."""
         config = self.config
@@ -197,7 +220,10 @@ class LeonardoGenerator(HTTPGenerator):
 
     def _cleanup(self, client: httpx.AsyncClient, path: str) -> None:
         """A best-effort DELETE that outlives the render (it may be cancelled), bounded in time."""
-        task = asyncio.ensure_future(self._delete(client, path))
+        self._detach(self._delete(client, path))
+
+    def _detach(self, cleanup: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(cleanup)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
