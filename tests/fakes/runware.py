@@ -74,6 +74,7 @@ class FakeRunware:
             self.size_multiple = 64
             self.processing_polls = 1
             self.echo_padding = 0
+            self.failing_polls = 0  # the next getResponse calls answer 503 (then it counts down)
             self.delay_s = 5.0
             self.uploads: dict[str, bytes] = {}
             self.inferences: list[dict[str, Any]] = []  # tasks that ran (not dry runs)
@@ -149,6 +150,9 @@ class FakeRunware:
             return 500, {"errors": [{"code": "internalError", "message": "Internal error"}]}, {}
         if scenario == "slow":
             self.released.wait(self.delay_s)
+        if self.failing_polls > 0 and any(isinstance(t, dict) and t.get("taskType") == "getResponse" for t in tasks):
+            self.failing_polls -= 1
+            return 503, {"errors": [{"code": "serviceUnavailable", "message": "Service unavailable"}]}, {}
         dry_run = headers.get("x-runware-dry-run") == "1"
         data: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []

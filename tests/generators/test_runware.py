@@ -151,6 +151,16 @@ async def test_async_delivery_polls_get_response(fake: FakeRunware) -> None:
     assert seen == [(None, "processing"), (None, "processing")]
 
 
+async def test_async_poll_failures_are_waited_out_up_to_a_limit(fake: FakeRunware) -> None:
+    fake.failing_polls = 2
+    async with make(fake, delivery_method="async", poll_failures_tolerated=2) as gen:
+        assert len((await gen.generate(job())).images) == 1
+        fake.failing_polls = 3
+        with pytest.raises(GenerationFailed, match="HTTP 503") as caught:
+            await gen.generate(job())
+    assert caught.value.retryable and len(fake.inferences) == 2  # no task was submitted twice
+
+
 async def test_async_task_error(fake: FakeRunware) -> None:
     fake.scenario = "async_error"
     async with make(fake, delivery_method="async") as gen:

@@ -74,6 +74,7 @@ class RunwareConfig(GeneratorConfig):
     poll_interval_s: float = Field(default=1.0, gt=0, le=30)
     poll_backoff: float = Field(default=1.5, ge=1.0, le=4.0)
     poll_max_interval_s: float = Field(default=5.0, gt=0, le=60)
+    poll_failures_tolerated: int = Field(default=3, ge=0, le=20)  # retryable getResponse failures in a row
     arguments: dict[str, Any] = Field(default_factory=dict)  # extra task fields (clipSkip, vae, ...)
     # A sync call holds the connection while the image renders.
     request_timeout_s: float = Field(default=120.0, gt=0, le=3600)

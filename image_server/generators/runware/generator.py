@@ -193,9 +193,18 @@ class RunwareGenerator(HTTPGenerator):
         config = self.config
         delays = backoff_delays(config.poll_interval_s, config.poll_backoff, config.poll_max_interval_s)
         poll = [{"taskType": "getResponse", "taskUUID": task_uuid}]
+        failures = 0
         while True:
             await asyncio.sleep(next(delays))
-            items = await self._post(client, poll, task_uuid)
+            try:
+                items = await self._post(client, poll, task_uuid)
+            except GenerationFailed as exc:  # the task runs on (and is billed): wait a passing failure out
+                failures += 1
+                if not exc.retryable or failures > config.poll_failures_tolerated:
+                    raise
+                await asyncio.sleep(min(exc.retry_after or 0.0, config.poll_max_interval_s))
+                continue
+            failures = 0
             failed = [item for item in items if item.get("status") == "error"]
             if failed:
                 raise runware_error(200, failed, "the task failed", generator=self.name, key=self._key)
