@@ -213,6 +213,26 @@ def test_generators_check_reads_kies_credit_balance(run: Run, tmp_path: Path) ->
     assert call.headers["authorization"] == "Bearer cli-kie-key"
 
 
+def test_generators_check_makes_an_authenticated_call_to_leonardo_and_runware(run: Run, tmp_path: Path) -> None:
+    from tests.fakes.leonardo import FakeLeonardo
+    from tests.fakes.runware import FakeRunware
+
+    with FakeLeonardo(api_key="leo-cli-key") as leonardo, FakeRunware(api_key="rw-cli-key") as runware:
+        tables = (
+            f'[generators.leo]\nstrategy = "leonardo"\nbase_url = "{leonardo.base_url}"\n'
+            f'[generators.rw]\nstrategy = "runware"\nbase_url = "{runware.base_url}"\n'
+            f'[generators.rw_bad]\nstrategy = "runware"\nbase_url = "{runware.base_url}"\napi_key_env = "RW_WRONG"\n'
+        )
+        env = {"LEONARDO_API_KEY": "leo-cli-key", "RUNWARE_API_KEY": "rw-cli-key", "RW_WRONG": "nope"}
+        done = run("--config", str(write_config(tmp_path, tables)), "generators", "--check", env=env)
+        assert [r.path for r in leonardo.requests] == ["/api/rest/v1/me"]
+        assert [r.path for r in runware.requests] == ["/v1", "/v1"] and runware.inferences == []  # dry runs
+    rows = table_rows(done.stdout)
+    assert rows["leo"][-1].startswith("ok") and rows["rw"][-1].startswith("ok"), done.stdout
+    assert rows["rw_bad"][-1].startswith("failed") and done.returncode == 1
+    assert "rw_bad: rw_bad: authentication failed (HTTP 401)" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("contents", "expected"),
     [

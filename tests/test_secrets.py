@@ -30,7 +30,9 @@ from tests.fakes.cloudflare import FakeCloudflare, envelope
 from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.kie import FakeKie
+from tests.fakes.leonardo import FakeLeonardo
 from tests.fakes.openai import ScriptedError, fake_openai, server_error
+from tests.fakes.runware import FakeRunware
 
 PLANTED = "sk-PLANTED-abc123-SECRET"
 FAL_PLANTED = f"PLANTEDID:{PLANTED}"  # fal keys are "key_id:key_secret"; neither half may leak
@@ -248,12 +250,72 @@ def kie_provider() -> Iterator[Provider]:
         )
 
 
+@contextlib.contextmanager
+def leonardo_provider() -> Iterator[Provider]:
+    with FakeLeonardo(api_key=PLANTED) as fake:
+
+        def mode(scenario: str, api_key: str = PLANTED, padding: int = 0) -> Callable[[], None]:
+            def apply() -> None:
+                fake.reset()
+                fake.scenario, fake.api_key, fake.echo_padding = scenario, api_key, padding  # type: ignore[assignment]
+
+            return apply
+
+        table = {"strategy": "leonardo", "api_key_env": KEY_ENV, "request_timeout_s": 0.3, **FAST}
+        table |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.05, "cleanup_timeout_s": 0.5}
+        yield Provider(
+            table={**table, "base_url": fake.base_url},
+            dead_table={**table, "base_url": dead_url() + "/api/rest/v1"},
+            modes={
+                "ok": mode("ok"),
+                "wrong-key": mode("ok", api_key="the-right-one"),
+                "500-echo": mode("echo_key"),
+                # The key straddles the 300 characters kept of a message: a cut before scrubbing leaks half.
+                "500-echo-cut": mode("echo_key", padding=250),
+                "500": mode("internal"),
+                "malformed": mode("malformed"),
+                "timeout": mode("hang"),  # PENDING until the render's deadline
+            },
+            key_seen=lambda: any(PLANTED in str(r.headers) for r in fake.requests),
+        )
+
+
+@contextlib.contextmanager
+def runware_provider() -> Iterator[Provider]:
+    with FakeRunware(api_key=PLANTED) as fake:
+
+        def mode(scenario: str, api_key: str = PLANTED, padding: int = 0) -> Callable[[], None]:
+            def apply() -> None:
+                fake.reset()
+                fake.scenario, fake.api_key, fake.echo_padding, fake.delay_s = scenario, api_key, padding, 2.0  # type: ignore[assignment]
+
+            return apply
+
+        table = {"strategy": "runware", "api_key_env": KEY_ENV, "request_timeout_s": 0.3, **FAST}
+        yield Provider(
+            table={**table, "base_url": fake.base_url},
+            dead_table={**table, "base_url": dead_url() + "/v1"},
+            modes={
+                "ok": mode("ok"),
+                "wrong-key": mode("ok", api_key="the-right-one"),
+                "500-echo": mode("echo_key"),
+                "500-echo-cut": mode("echo_key", padding=260),
+                "500": mode("internal"),
+                "malformed": mode("malformed"),
+                "timeout": mode("slow"),
+            },
+            key_seen=lambda: any(PLANTED in str(r.headers) for r in fake.requests),
+        )
+
+
 PROVIDERS = {
     "openai": openai_provider,
     "gemini": gemini_provider,
     "cloudflare": cloudflare_provider,
     "fal": fal_provider,
     "kie": kie_provider,
+    "leonardo": leonardo_provider,
+    "runware": runware_provider,
 }
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -172,6 +172,22 @@ async def gather_or_cancel(awaitables: Iterable[Awaitable[T]]) -> list[T]:
 async def download_all(http: httpx.AsyncClient, urls: list[str], *, generator: str) -> list[bytes]:
     """Download every URL concurrently (see ``download``); the first failure cancels the rest."""
     return await gather_or_cancel(download(http, url, generator=generator) for url in urls)
+
+
+def json_or_none(response: httpx.Response) -> Any:
+    """The response body as JSON, or ``None`` when it is not JSON."""
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def backoff_delays(first: float, factor: float, cap: float) -> Iterator[float]:
+    """Poll delays: ``first``, then each ``factor`` times the last, never above ``cap``."""
+    delay = first
+    while True:
+        yield min(delay, cap)
+        delay = min(delay * factor, cap)
 
 
 def decode_base64_image(data: str, *, generator: str) -> bytes:

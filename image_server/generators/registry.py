@@ -25,6 +25,8 @@ _BUILTINS: dict[str, str] = {
     "gemini": "image_server.generators.gemini:GeminiGenerator",
     "cloudflare": "image_server.generators.cloudflare:CloudflareGenerator",
     "kie": "image_server.generators.kie:KieGenerator",
+    "leonardo": "image_server.generators.leonardo:LeonardoGenerator",
+    "runware": "image_server.generators.runware:RunwareGenerator",
 }
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)

@@ -29,7 +29,9 @@ from tests.fakes.cloudflare import FakeCloudflare
 from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.kie import EDIT_MODEL, FakeKie
+from tests.fakes.leonardo import FakeLeonardo
 from tests.fakes.openai import fake_openai, moderation_blocked, rate_limited
+from tests.fakes.runware import FakeRunware
 
 DEADLINE = 10.0
 FAL_KEY = "planted-fal-key-id:planted-fal-secret-e2e"  # fal keys are "key_id:key_secret"
@@ -38,6 +40,8 @@ GEMINI_KEY = "planted-gemini-key-e2e-0123456789"
 CF_TOKEN = "planted-cloudflare-token-e2e"
 CF_ACCOUNT = "plantedaccount0123456789abcdef"
 KIE_KEY = "planted-kie-key-e2e-0123456789"
+LEONARDO_KEY = "0d5e9f3a-planted-leonardo-e2e-key"
+RUNWARE_KEY = "planted-runware-key-e2e-0123456789"
 MUTED_LOGGERS = ("httpx", "httpcore")  # below WARNING, by image_server.cli's logging setup
 
 
@@ -78,6 +82,14 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
         with FakeGemini(api_key=GEMINI_KEY) as fake:
             fields = {"strategy": "gemini", "base_url": fake.url}
             yield Served("gemini", base | fields | table, fake.environ, (GEMINI_KEY,), fake)
+    elif provider == "leonardo":
+        with FakeLeonardo(api_key=LEONARDO_KEY) as fake:
+            fields = {"strategy": "leonardo", "base_url": fake.base_url, "poll_interval_s": 0.01}
+            yield Served("leonardo", base | fields | table, fake.environ, (LEONARDO_KEY,), fake)
+    elif provider == "runware":
+        with FakeRunware(api_key=RUNWARE_KEY) as fake:
+            fields = {"strategy": "runware", "base_url": fake.base_url, "poll_interval_s": 0.01}
+            yield Served("runware", base | fields | table, fake.environ, (RUNWARE_KEY,), fake)
     else:
         with FakeCloudflare(api_token=CF_TOKEN, account_id=CF_ACCOUNT) as fake:
             fields = {"strategy": "cloudflare", "base_url": fake.base_url}
@@ -319,6 +331,62 @@ async def test_kie_out_of_credits_falls_back_to_cloudflare_flux(through_service)
     assert_stored_image(event)
 
 
+async def test_leonardo_image_to_image_with_an_element(through_service):
+    element = "b1a2c3d4-0000-4000-8000-0000000000e2"
+    with serve("leonardo") as served:
+        outcome = await through_service(
+            served,
+            prompt="a harbour at night",
+            reference_image=ImageSource(uri=png_data_uri()),
+            strength=0.25,
+            width=640,
+            seed=8,
+            loras=[{"name": element, "strength": 0.5}],
+            style="cinematic",
+        )
+        (create,) = served.fake.calls("POST", "/generations")
+        (image,) = served.fake.init_images.values()
+    event = outcome.ready
+    assert event.generator == "leonardo"
+    assert_stored_image(event)
+    body = create.json()
+    assert body["init_image_id"] == image.id and body["init_strength"] == 0.75
+    assert body["elements"] == [{"akUUID": element, "weight": 0.5}] and body["presetStyle"] == "CINEMATIC"
+    with Image.open(io.BytesIO(image.data or b"")) as uploaded:  # the reference reached the S3 bucket intact
+        assert uploaded.size == (32, 32)
+    assert event.applied["init_strength"] == 0.75 and event.applied["width"] == 640 and event.applied["seed"] == 8
+    assert event.ignored == []
+
+
+async def test_runware_image_to_image_with_a_lora(through_service):
+    lora = "civitai:58390@62833"
+    with serve("runware") as served:
+        outcome = await through_service(
+            served,
+            prompt="a fox, watercolour",
+            reference_image=ImageSource(uri=png_data_uri()),
+            strength=0.6,
+            width=900,
+            height=500,
+            output_format="webp",
+            loras=[{"name": lora, "strength": 0.9}],
+            style="anything",
+        )
+        (task,) = served.fake.tasks("imageInference")
+        (uploaded,) = served.fake.uploads.values()
+    event = outcome.ready
+    assert event.generator == "runware"
+    assert_stored_image(event)
+    assert event.images[0].format == "webp"  # asked of Runware as outputFormat
+    assert task["seedImage"] in served.fake.uploads and task["strength"] == 0.6
+    assert (task["width"], task["height"], task["outputFormat"]) == (896, 512, "WEBP")
+    assert task["lora"] == [{"model": lora, "weight": 0.9}]
+    with Image.open(io.BytesIO(uploaded)) as reference:
+        assert reference.size == (32, 32)
+    assert event.applied["width"] == 896 and event.applied["lora"] == [{"model": lora, "weight": 0.9}]
+    assert event.ignored == ["style"]
+
+
 # -- errors, one class per case; secrets are checked by the fixture ------------------------------------
 
 
@@ -380,6 +448,13 @@ def scenario(name: str) -> Callable[[Any], None]:
         ("kie", kie_no_credits, "generation_failed", False),
         ("kie", kie_refused, "content_policy", False),
         ("kie", kie_echo_key, "generation_failed", True),
+        ("leonardo", scenario("rate_limited"), "rate_limited", True),
+        ("leonardo", scenario("nsfw"), "content_policy", False),
+        ("leonardo", scenario("echo_key"), "generation_failed", True),
+        ("runware", scenario("rate_limited"), "rate_limited", True),
+        ("runware", scenario("no_credits"), "generation_failed", False),
+        ("runware", scenario("echo_key"), "generation_failed", True),
+        ("runware", scenario("task_error"), "generation_failed", False),
     ],
     ids=lambda value: getattr(value, "__name__", None) if callable(value) else None,
 )

@@ -35,6 +35,7 @@ from image_server.generators.cloudflare.wire import build_body, read_image
 from image_server.generators.http import (
     HTTPGenerator,
     error_for_status,
+    json_or_none,
     parse_retry_after,
     read_api_key,
     scrub,
@@ -95,7 +96,7 @@ class CloudflareGenerator(HTTPGenerator):
                     headers={"authorization": f"Bearer {self._token}"},
                 )
             if response.status_code >= 400:
-                raise self._http_error(response, _json_or_none(response))
+                raise self._http_error(response, json_or_none(response))
             content_type = response.headers.get("content-type", "")
             data = await asyncio.to_thread(read_image, response.content, content_type, generator=self.name)
             if isinstance(data, dict):
@@ -128,7 +129,7 @@ class CloudflareGenerator(HTTPGenerator):
                 )
         except GeneratorError as exc:
             return HealthReport(ok=False, detail=str(exc))
-        payload = _json_or_none(response)
+        payload = json_or_none(response)
         if response.status_code >= 400 or (isinstance(payload, dict) and payload.get("success") is False):
             return HealthReport(ok=False, detail=str(self._http_error(response, payload)))
         listed = payload.get("result") if isinstance(payload, dict) else None
@@ -172,10 +173,3 @@ class CloudflareGenerator(HTTPGenerator):
         if DAILY_ALLOCATION_USED in codes:  # the free allocation resets daily: retrying now cannot help
             error.retryable = False
         return error
-
-
-def _json_or_none(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
