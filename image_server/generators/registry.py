@@ -25,6 +25,7 @@ _BUILTINS: dict[str, str] = {
     "gemini": "image_server.generators.gemini:GeminiGenerator",
     "cloudflare": "image_server.generators.cloudflare:CloudflareGenerator",
     "kie": "image_server.generators.kie:KieGenerator",
+    "invokeai": "image_server.generators.invokeai:InvokeAIGenerator",
 }
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)
