@@ -93,7 +93,7 @@ class GraphBuilder:
 
 def round_size(value: int, family: Family) -> int:
     step = SIZE_STEP[family]
-    return max(step, int(round(value / step)) * step)
+    return max(step, (value + step // 2) // step * step)  # half up, not Python's half-to-even
 
 
 def build_graph(spec: GraphSpec, graph_id: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class ModelCatalog:
         installed = await self.listing("main")
         model = self._pick(installed, wanted, base, what="main model")
         if model.base not in FAMILY_OF_BASE:
-            families = ", ".join(sorted(FAMILY_OF_BASE))
+            families = ", ".join(FAMILY_OF_BASE)
             raise Unsupported(
                 f"{self.generator}: model {model.name!r} is a {model.base} model; "
                 f"the invokeai strategy builds graphs for {families}",
