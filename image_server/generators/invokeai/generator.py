@@ -209,7 +209,7 @@ class InvokeAIGenerator(HTTPGenerator):
                 return item
             if item.status == "failed":
                 raise GenerationFailed(
-                    f"{self.name}: InvokeAI failed queue item {item_id}: {failure_text(item)}",
+                    f"{self.name}: InvokeAI failed queue item {item_id}: {scrub(failure_text(item), *self._secrets())}",
                     generator=self.name,
                     error_type=item.error_type,
                     retryable=False,
