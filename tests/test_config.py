@@ -101,6 +101,8 @@ EXAMPLE_NAMES = {
     "cloudflare_flux",
     "cloudflare_sdxl",
     "cloudflare_img2img",
+    "invokeai_sdxl",
+    "invokeai_flux",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -134,7 +136,7 @@ def example_count() -> int:
 
 
 def test_examples_stay_comments_in_the_shipped_config():
-    assert example_count() == 5  # fal, openai, gemini, cloudflare, kie with cloudflare_flux
+    assert example_count() == 6  # fal, openai, gemini, cloudflare, kie with cloudflare_flux, invokeai
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -153,7 +155,7 @@ def test_all_examples_uncommented_validate(optional):
         for field, value in table.model_dump().items():
             if field.endswith("_env") and value is not None:
                 assert re.fullmatch(r"[A-Z][A-Z0-9_]*", value), f"{name}.{field} = {value!r}"
-    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie"}
+    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie", "invokeai"}
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
     assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-2"}
     assert not any(table.startup_warnings() for table in generators.values())  # no retired models
@@ -171,10 +173,12 @@ def test_all_examples_uncommented_validate(optional):
         "gemini",
         "kie",
         "cloudflare_img2img",
+        "invokeai_sdxl",
+        "invokeai_flux",
     }
 
 
-@pytest.mark.parametrize("block", range(5))
+@pytest.mark.parametrize("block", range(6))
 def test_each_example_validates_on_its_own(block):
     data = tomllib.loads(uncomment_examples(SHIPPED, only=block))
     added = set(build_config(data).generators) - {"mock"}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import tomllib
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from PIL import Image
 
+from image_server.config import build_config
 from image_server.errors import GenerationFailed, GeneratorUnavailable, InvalidRequest, Unsupported
 from image_server.generators import ReferenceImage, RenderJob, validate_generator_config
 from image_server.generators.invokeai import InvokeAIConfig, InvokeAIGenerator
@@ -18,6 +20,7 @@ from schemas import LoraSpec, RenderRequest
 from tests.fakes.images import solid_bytes
 from tests.fakes.invokeai import FakeInvokeAI
 from tests.fakes.multipart import parse_multipart
+from tests.test_config import SHIPPED, uncomment_examples
 
 DEADLINE = 10.0
 
@@ -334,3 +337,20 @@ def test_config_table_is_validated() -> None:
 async def test_strength_without_a_reference_is_reported_ignored(fake, gen) -> None:
     result = await render(gen, job(strength=0.5))
     assert result.ignored == ["strength"] and "strength" not in result.applied
+
+
+@pytest.mark.parametrize("optional", [False, True], ids=["as-shipped", "with-optional-knobs"])
+async def test_the_config_toml_examples_render_against_invokeai(fake, optional) -> None:
+    """The documented tables, pointed at the fake, render with the models they name."""
+    tables = build_config(tomllib.loads(uncomment_examples(SHIPPED, optional=optional))).generators
+    families = []
+    for name in ("invokeai_sdxl", "invokeai_flux"):
+        config = tables[name].model_copy(update={"base_url": fake.url, "poll_interval_s": 0.01})
+        assert isinstance(config, InvokeAIConfig)
+        fake.token = "planted-example-token" if config.token_env else None  # an optional knob
+        generator = InvokeAIGenerator(config, name=name, environ={"INVOKEAI_TOKEN": "planted-example-token"})
+        async with generator:
+            result = await render(generator, job(project="docs"))
+        families.append(result.applied["base"])
+        assert result.images and result.applied["board"] == "docs"
+    assert families == ["sdxl", "flux"]
