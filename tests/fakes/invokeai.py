@@ -44,6 +44,7 @@ class FakeInvokeAI:
         self.recorder = Recorder()
         self.lock = threading.RLock()
         self.started = threading.Event()  # some item reached in_progress
+        self.enqueue_seen = threading.Event()  # an enqueue_batch arrived
         self.version, self.token = version, token
         self._stack = ExitStack()
         self.url = ""
@@ -55,6 +56,7 @@ class FakeInvokeAI:
             self.pending_polls, self.running_polls = 1, 1
             self.fail_with: tuple[str, str] | None = None
             self.hold = False
+            self.enqueue_gate: threading.Event | None = None  # when set: enqueue_batch waits for it
             self.nonsense: set[str] = set()  # routes ("item", "enqueue", "models") answering garbage
             self.items: dict[int, Item] = {}
             self.batches: list[dict[str, Any]] = []
@@ -64,6 +66,7 @@ class FakeInvokeAI:
             self.cancelled: list[int] = []
             self.next_id = 1
             self.started.clear()
+            self.enqueue_seen.clear()
             self.recorder.requests.clear()
 
     @property
@@ -80,11 +83,16 @@ class FakeInvokeAI:
 
     def __exit__(self, *exc_info: object) -> None:
         self.hold = False
+        if self.enqueue_gate is not None:
+            self.enqueue_gate.set()
         self._stack.close()
 
     # -- queue ------------------------------------------------------------------------------------
 
     def enqueue(self, body: Any) -> tuple[int, Any]:
+        self.enqueue_seen.set()
+        if self.enqueue_gate is not None:
+            self.enqueue_gate.wait(5.0)
         batch = body.get("batch") if isinstance(body, dict) else None
         if not isinstance(batch, dict) or "graph" not in batch:
             return 422, {"detail": [{"loc": ["body", "batch", "graph"], "msg": "Field required", "type": "missing"}]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import threading
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -18,7 +19,8 @@ from image_server.generators import ReferenceImage, RenderJob, validate_generato
 from image_server.generators.invokeai import InvokeAIConfig, InvokeAIGenerator
 from schemas import LoraSpec, RenderRequest
 from tests.fakes.images import solid_bytes
-from tests.fakes.invokeai import FakeInvokeAI
+from tests.fakes.invokeai import FakeInvokeAI, Item
+from tests.fakes.invokeai_store import record
 from tests.fakes.multipart import parse_multipart
 from tests.test_config import SHIPPED, uncomment_examples
 
@@ -354,3 +356,36 @@ async def test_the_config_toml_examples_render_against_invokeai(fake, optional) 
         families.append(result.applied["base"])
         assert result.images and result.applied["board"] == "docs"
     assert families == ["sdxl", "flux"]
+
+
+@pytest.mark.parametrize(("version", "route"), [("6.9.0", "/i/1/cancel"), ("5.15.0", "/cancel_by_batch_ids")])
+async def test_a_cancel_during_enqueue_still_cancels_what_was_enqueued(fake, gen, version, route) -> None:
+    fake.version, fake.hold = version, True
+    fake.enqueue_gate = gate = threading.Event()
+    task = asyncio.create_task(render(gen, job()))
+    await asyncio.to_thread(fake.enqueue_seen.wait, DEADLINE)
+    task.cancel()  # while the server has not answered the enqueue yet
+    await asyncio.sleep(0)
+    gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert fake.cancelled == [1] and f"/api/v1/queue/default{route}" in fake.paths("PUT")
+
+
+async def test_a_v5_queue_is_paged_through_to_find_our_items(fake, gen) -> None:
+    fake.version = "5.15.0"
+    with fake.lock:
+        for number in range(1, 251):  # other clients' items ahead of ours, over three pages
+            fake.items[number] = Item(number, "someone-else", {}, status="completed")
+        fake.next_id = 251
+    result = await render(gen, job(num_images=2))
+    assert [image.seed for image in result.images] == [result.applied["seed"], result.applied["seed"] + 1]
+    lists = [r for r in fake.requests if urlsplit(r.path).path.endswith("/list")]
+    assert len(lists) == 3 and parse_qs(urlsplit(lists[-1].path).query)["cursor"] == ["200"]
+
+
+async def test_a_model_installed_after_the_listing_was_cached_is_found(fake, gen) -> None:
+    await render(gen, job(loras=[LoraSpec(name="Detail Tweaker")]))
+    fake.models.models.append(record("k-new", "Fresh LoRA", "sd-1", "lora"))
+    result = await render(gen, job(loras=[LoraSpec(name="Fresh LoRA")]))
+    assert result.applied["loras"] == [{"name": "Fresh LoRA", "strength": 1.0}]

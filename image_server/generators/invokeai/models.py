@@ -27,19 +27,30 @@ class ModelCatalog:
     def invalidate(self) -> None:
         self._cache.clear()
 
-    async def listing(self, model_type: str) -> list[ModelRef]:
+    async def listing(self, model_type: str, *, fresh: bool = False) -> list[ModelRef]:
         cached = self._cache.get(model_type)
         now = time.monotonic()
-        if cached is not None and now - cached[0] < self.ttl_s:
+        if cached is not None and now - cached[0] < self.ttl_s and not fresh:
             return cached[1]
         models = await self._list(model_type)
         self._cache[model_type] = (now, models)
         return models
 
+    async def _find(self, model_type: str, pick: Callable[[list[ModelRef]], ModelRef]) -> ModelRef:
+        """``pick`` from the cached listing; a miss asks the server again before it counts (the
+        model may have been installed since the listing was cached)."""
+        entry = self._cache.get(model_type)
+        cached = entry is not None and time.monotonic() - entry[0] < self.ttl_s
+        try:
+            return pick(await self.listing(model_type))
+        except InvalidRequest:
+            if not cached:
+                raise
+        return pick(await self.listing(model_type, fresh=True))
+
     async def main_model(self, wanted: str, base: str | None) -> ModelRef:
         """The main model named (or keyed) ``wanted``; its family must be one we build graphs for."""
-        installed = await self.listing("main")
-        model = self._pick(installed, wanted, base, what="main model")
+        model = await self._find("main", lambda installed: self._pick(installed, wanted, base, what="main model"))
         if model.base not in FAMILY_OF_BASE:
             families = ", ".join(FAMILY_OF_BASE)
             raise Unsupported(
@@ -51,7 +62,9 @@ class ModelCatalog:
 
     async def lora(self, wanted: str, base: str) -> ModelRef:
         """An installed LoRA by name or key, for the main model's base."""
-        installed = await self.listing("lora")
+        return await self._find("lora", lambda installed: self._pick_lora(installed, wanted, base))
+
+    def _pick_lora(self, installed: list[ModelRef], wanted: str, base: str) -> ModelRef:
         matches = [m for m in installed if wanted in (m.key, m.name)]
         usable = [m for m in matches if m.base == base]
         if usable:
@@ -69,15 +82,19 @@ class ModelCatalog:
 
     async def component(self, model_type: str, wanted: str | None, base: str | None, what: str) -> ModelRef:
         """A FLUX component (``t5_encoder``, ``clip_embed``, ``vae``): the named one, or the first installed."""
-        installed = await self.listing(model_type)
-        if wanted is not None:
-            return self._pick(installed, wanted, base, what=what)
-        candidates = [m for m in installed if base is None or m.base == base]
-        if not candidates:
-            raise InvalidRequest(
-                f"{self.generator}: FLUX needs a {what}, and none is installed in InvokeAI", generator=self.generator
-            )
-        return candidates[0]
+
+        def pick(installed: list[ModelRef]) -> ModelRef:
+            if wanted is not None:
+                return self._pick(installed, wanted, base, what=what)
+            candidates = [m for m in installed if base is None or m.base == base]
+            if not candidates:
+                raise InvalidRequest(
+                    f"{self.generator}: FLUX needs a {what}, and none is installed in InvokeAI",
+                    generator=self.generator,
+                )
+            return candidates[0]
+
+        return await self._find(model_type, pick)
 
     def _pick(self, installed: list[ModelRef], wanted: str, base: str | None, *, what: str) -> ModelRef:
         by_key = [m for m in installed if m.key == wanted]
