@@ -10,8 +10,10 @@ Servers before 6.0 send no ``item_ids`` from enqueue_batch; set ``version`` to t
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
+import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ class Item:
     error: tuple[str, str] | None = None
     results: dict[str, Any] = field(default_factory=dict)
     mapping: dict[str, list[str]] = field(default_factory=dict)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    observed_at: float | None = None  # the read that first saw it finished (benchmarks)
 
 
 class FakeInvokeAI:
@@ -54,6 +58,8 @@ class FakeInvokeAI:
         with self.lock:
             self.models = ModelStore([dict(m) for m in MODELS])
             self.pending_polls, self.running_polls = 1, 1
+            # When set, an item renders for this long after enqueue instead of for a number of reads.
+            self.render_s: float | None = None
             self.fail_with: tuple[str, str] | None = None
             self.hold = False
             self.enqueue_gate: threading.Event | None = None  # when set: enqueue_batch waits for it
@@ -124,11 +130,17 @@ class FakeInvokeAI:
             if item is None:
                 return None
             item.reads += 1
-            if item.status == "pending" and item.reads > self.pending_polls:
+            timed = self.render_s is not None
+            if item.status == "pending" and (timed or item.reads > self.pending_polls):
                 item.status = "in_progress"
                 self.started.set()
-            if item.status == "in_progress" and item.reads > self.pending_polls + self.running_polls and not self.hold:
+            if timed:
+                finished = time.perf_counter() - item.enqueued_at >= (self.render_s or 0.0)
+            else:
+                finished = item.reads > self.pending_polls + self.running_polls
+            if item.status == "in_progress" and finished and not self.hold:
                 self._run(item)
+                item.observed_at = time.perf_counter()
             return self.item_json(item)
 
     def cancel(self, item_id: int) -> dict[str, Any] | None:
@@ -154,7 +166,7 @@ class FakeInvokeAI:
             width, height = self._image_size(item.graph, node_id)
             name = f"{uuid.uuid4()}.png"
             board = (node.get("board") or {}).get("board_id")
-            self.images[name] = {"data": solid_bytes((20, 120, 200), (width, height)), "board_id": board}
+            self.images[name] = {"data": _output_png(width, height), "board_id": board}
             self.images[name]["is_intermediate"] = node.get("is_intermediate", False)
             item.mapping[node_id] = [prepared]
             image = {"image_name": name}
@@ -224,6 +236,12 @@ class FakeInvokeAI:
             items = [i for i in sorted(self.items.values(), key=lambda i: i.item_id) if i.item_id > cursor]
             rows = [{k: v for k, v in self.item_json(i).items() if k != "session"} for i in items[:limit]]
         return {"limit": limit, "has_more": len(items) > limit, "items": rows}
+
+
+@functools.lru_cache(maxsize=16)
+def _output_png(width: int, height: int) -> bytes:
+    """One encode per size: the fake's own time stays out of what benchmarks measure."""
+    return solid_bytes((20, 120, 200), (width, height))
 
 
 def _batch_seeds(batch: dict[str, Any]) -> list[int | None]:

@@ -18,7 +18,7 @@ from image_server.errors import GenerationFailed, GeneratorUnavailable, InvalidR
 from image_server.generators import ReferenceImage, RenderJob, validate_generator_config
 from image_server.generators.invokeai import InvokeAIConfig, InvokeAIGenerator
 from schemas import LoraSpec, RenderRequest
-from tests.fakes.images import solid_bytes
+from tests.fakes.images import serve_images, solid_bytes
 from tests.fakes.invokeai import FakeInvokeAI, Item
 from tests.fakes.invokeai_store import record
 from tests.fakes.multipart import parse_multipart
@@ -389,3 +389,12 @@ async def test_a_model_installed_after_the_listing_was_cached_is_found(fake, gen
     fake.models.models.append(record("k-new", "Fresh LoRA", "sd-1", "lora"))
     result = await render(gen, job(loras=[LoraSpec(name="Fresh LoRA")]))
     assert result.applied["loras"] == [{"name": "Fresh LoRA", "strength": 1.0}]
+
+
+async def test_a_base_url_that_is_not_invokeai_says_so() -> None:
+    with serve_images() as other:  # answers 404 text/plain to every path InvokeAI would serve
+        generator = InvokeAIGenerator(InvokeAIConfig(base_url=other.base_url, model="m"), name="wrong")
+        async with generator:
+            with pytest.raises(GenerationFailed, match="is base_url an InvokeAI server") as caught:
+                await render(generator, job())
+    assert not caught.value.retryable

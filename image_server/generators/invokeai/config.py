@@ -53,7 +53,7 @@ class InvokeAIConfig(GeneratorConfig):
     auth_header: str = Field(default="Authorization", pattern=r"^[A-Za-z0-9-]{1,64}$")
     auth_scheme: str = Field(default="Bearer", pattern=r"^[A-Za-z0-9-]{0,32}$")
     poll_interval_s: float = Field(default=0.25, gt=0, le=30)
-    max_poll_interval_s: float = Field(default=2.0, gt=0, le=60)
+    max_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
     cancel_timeout_s: float = Field(default=5.0, gt=0, le=60)
     request_timeout_s: float | None = Field(default=30.0, gt=0, le=3600)
     max_images: int = Field(default=4, ge=1, le=8)
