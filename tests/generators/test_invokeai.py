@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import tomllib
 from collections.abc import AsyncIterator, Iterator
@@ -398,3 +401,30 @@ async def test_a_base_url_that_is_not_invokeai_says_so() -> None:
             with pytest.raises(GenerationFailed, match="is base_url an InvokeAI server") as caught:
                 await render(generator, job())
     assert not caught.value.retryable
+
+
+def test_generators_check_on_the_command_line(fake, tmp_path) -> None:
+    """``image-server generators --check``, run as a user runs it, against the fake server."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'default_generator = "good"\n'
+        f'[generators.good]\nstrategy = "invokeai"\nbase_url = "{fake.url}"\nmodel = "Juggernaut XL v9"\n'
+        f'[generators.typo]\nstrategy = "invokeai"\nbase_url = "{fake.url}"\nmodel = "Jugernaut XL"\n'
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IMAGE_SERVER_")} | {"COLUMNS": "300"}
+    done = subprocess.run(
+        [sys.executable, "-m", "image_server", "--config", str(config), "generators", "--check"],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    problems = [line for line in done.stderr.splitlines() if line.startswith(("good:", "typo:"))]
+    assert problems == [
+        "typo: typo: no main model named 'Jugernaut XL' is installed in InvokeAI; installed: Dreamshaper 8 (sd-1), "
+        "FLUX Dev (flux), FLUX Schnell (Quantized) (flux), Juggernaut XL v9 (sdxl), SD3.5 Medium (sd-3), "
+        "Twin (sd-1), Twin (sdxl)"
+    ]
+    assert "ok good: InvokeAI 6.9.0; model Juggernaut XL v9 (sdxl)" in done.stdout
