@@ -428,3 +428,17 @@ def test_generators_check_on_the_command_line(fake, tmp_path) -> None:
         "Twin (sd-1), Twin (sdxl)"
     ]
     assert "ok good: InvokeAI 6.9.0; model Juggernaut XL v9 (sdxl)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"depth_map": {"uri": "data:image/png;base64,AAAA"}}, "does not take a depth map"),
+        ({"reference_images": [{"uri": "data:,a"}, {"uri": "data:,b"}]}, "at most 1 reference images"),
+        ({"num_images": 5}, "at most 4 images"),
+    ],
+)
+async def test_what_the_graphs_cannot_take_is_unsupported(fake, gen, fields, words) -> None:
+    with pytest.raises(Unsupported, match=words):
+        await render(gen, job(**fields))
+    assert fake.requests == []

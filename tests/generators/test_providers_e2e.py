@@ -362,6 +362,16 @@ async def test_invokeai_image_to_image_with_a_lora_on_the_project_board(through_
     assert "generating" in [p.message for p in outcome.progress]
 
 
+async def test_invokeai_model_chosen_per_request(through_service):
+    with serve("invokeai") as served:
+        outcome = await through_service(
+            served, prompt="a comet", generator_config={"model": "FLUX Schnell (Quantized)"}, negative_prompt="x"
+        )
+        (batch,) = served.fake.batches
+    assert batch["graph"]["nodes"]["model_loader"]["type"] == "flux_model_loader"
+    assert outcome.ready.applied["base"] == "flux" and outcome.ready.ignored == ["negative_prompt"]
+
+
 async def test_invokeai_timeout_cancels_the_queue_item(through_service):
     with serve("invokeai") as served:
         served.fake.hold = True  # the item stays in progress until it is cancelled
