@@ -32,7 +32,7 @@ from image_server.client import RenderClient  # noqa: E402
 from schemas import RenderRequest  # noqa: E402
 from tests.fakes.invokeai import FakeInvokeAI  # noqa: E402
 
-POLL = {"poll_interval_s": 0.25, "max_poll_interval_s": 1.0}
+POLL = {"poll_interval_s": 0.25, "poll_max_interval_s": 1.0}
 RENDER_TIMES = (0.0, 0.5)
 
 

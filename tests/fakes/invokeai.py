@@ -63,7 +63,7 @@ class FakeInvokeAI:
             self.fail_with: tuple[str, str] | None = None
             self.hold = False
             self.enqueue_gate: threading.Event | None = None  # when set: enqueue_batch waits for it
-            self.nonsense: set[str] = set()  # routes ("item", "enqueue", "models") answering garbage
+            self.nonsense: set[str] = set()  # routes ("item", "enqueue", "models", "image") answering garbage
             self.items: dict[int, Item] = {}
             self.batches: list[dict[str, Any]] = []
             self.ignored_fields: list[str] = []

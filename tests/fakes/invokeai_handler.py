@@ -71,7 +71,9 @@ class InvokeAIHandler(JSONHandler):
             self.send_json(200, fake.queue_page(query))
         elif match := IMAGE.match(path):
             image = fake.images.get(unquote(match.group(1)))
-            if image is None:
+            if "image" in fake.nonsense:
+                self.send_bytes(200, b"<html>a login page</html>", "image/png")
+            elif image is None:
                 self.send_json(404, {"detail": "Image not found"})
             else:
                 self.send_bytes(200, image["data"], "image/png")

@@ -44,7 +44,7 @@ def fake(server: FakeInvokeAI) -> FakeInvokeAI:
 
 
 def make(fake: FakeInvokeAI, environ: dict[str, str] | None = None, **fields) -> InvokeAIGenerator:
-    fields = {"model": "Dreamshaper 8", "poll_interval_s": 0.01, "max_poll_interval_s": 0.02} | fields
+    fields = {"model": "Dreamshaper 8", "poll_interval_s": 0.01, "poll_max_interval_s": 0.02} | fields
     return InvokeAIGenerator(InvokeAIConfig(base_url=fake.url, **fields), name="invoke", environ=environ or {})
 
 
@@ -282,10 +282,18 @@ async def test_lora_problems_are_invalid_requests(fake, gen, lora, words) -> Non
     assert fake.batches == [] and fake.boards == {}
 
 
-@pytest.mark.parametrize("route", ["models", "enqueue", "item"])
-async def test_a_server_answering_nonsense_is_a_clear_error(fake, gen, route) -> None:
+@pytest.mark.parametrize(
+    ("route", "words"),
+    [
+        ("models", "InvokeAI answered the model list with a body that is not JSON"),
+        ("enqueue", "InvokeAI answered the graph with a body that is not JSON"),
+        ("item", "InvokeAI answered the queue item 1 with a body that is not JSON"),
+        ("image", "InvokeAI returned an image that is not PNG, JPEG or WebP"),
+    ],
+)
+async def test_a_server_answering_nonsense_is_a_clear_error(fake, gen, route, words) -> None:
     fake.nonsense = {route}
-    with pytest.raises(GenerationFailed, match="InvokeAI answered") as caught:
+    with pytest.raises(GenerationFailed, match=words) as caught:
         await render(gen, job())
     assert not caught.value.retryable
 
@@ -335,7 +343,7 @@ def test_config_table_is_validated() -> None:
     assert isinstance(config, InvokeAIConfig) and config.base_url == "http://127.0.0.1:9090"
     with pytest.raises(ValueError, match="model"):
         validate_generator_config("inv", {"strategy": "invokeai"})
-    with pytest.raises(ValueError, match="max_poll_interval_s"):
+    with pytest.raises(ValueError, match="poll_max_interval_s"):
         validate_generator_config("inv", {"strategy": "invokeai", "model": "m", "poll_interval_s": 5})
 
 

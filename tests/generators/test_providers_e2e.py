@@ -28,8 +28,8 @@ from schemas import ImageReady, ImageSource, RenderError, RenderProgress, decode
 from tests.fakes.cloudflare import FakeCloudflare
 from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
-from tests.fakes.kie import EDIT_MODEL, FakeKie
 from tests.fakes.invokeai import FakeInvokeAI
+from tests.fakes.kie import EDIT_MODEL, FakeKie
 from tests.fakes.openai import fake_openai, moderation_blocked, rate_limited
 
 DEADLINE = 10.0
@@ -88,7 +88,7 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
                 "model": "Juggernaut XL v9",
                 "token_env": "INVOKE_TOKEN",
             }
-            fields |= {"poll_interval_s": 0.01, "max_poll_interval_s": 0.05}
+            fields |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.05}
             yield Served("invokeai", base | fields | table, {"INVOKE_TOKEN": INVOKE_TOKEN}, (INVOKE_TOKEN,), fake)
     else:
         with FakeCloudflare(api_token=CF_TOKEN, account_id=CF_ACCOUNT) as fake:

@@ -15,7 +15,7 @@ import httpx
 from image_server.errors import GenerationFailed
 from image_server.generators.base import ReferenceImage
 from image_server.generators.http import (
-    download,
+    download_all,
     error_for_status,
     parse_retry_after,
     scrub,
@@ -136,8 +136,8 @@ class InvokeAIAPI:
     async def cancel(self, item_id: int) -> None:
         await self.call("PUT", f"{self.queue}/i/{item_id}/cancel", what=f"cancel of queue item {item_id}")
 
-    async def image(self, image_name: str) -> bytes:
+    async def images(self, image_names: list[str]) -> list[bytes]:
+        """The full-size files, downloaded concurrently (same server, so the client's token goes too)."""
+        urls = [f"/api/v1/images/i/{quote(name, safe='')}/full" for name in image_names]
         with translate_transport_errors(self.generator, *self.secrets):
-            return await download(
-                self.client, f"/api/v1/images/i/{quote(image_name, safe='')}/full", generator=self.generator
-            )
+            return await download_all(self.client, urls, generator=self.generator)

@@ -52,8 +52,10 @@ class InvokeAIConfig(GeneratorConfig):
     token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     auth_header: str = Field(default="Authorization", pattern=r"^[A-Za-z0-9-]{1,64}$")
     auth_scheme: str = Field(default="Bearer", pattern=r"^[A-Za-z0-9-]{0,32}$")
+    # Queue item polling: starts at poll_interval_s, grows by poll_backoff up to poll_max_interval_s.
     poll_interval_s: float = Field(default=0.25, gt=0, le=30)
-    max_poll_interval_s: float = Field(default=1.0, gt=0, le=60)
+    poll_backoff: float = Field(default=1.5, ge=1.0, le=4.0)
+    poll_max_interval_s: float = Field(default=1.0, gt=0, le=60)
     cancel_timeout_s: float = Field(default=5.0, gt=0, le=60)
     request_timeout_s: float | None = Field(default=30.0, gt=0, le=3600)
     max_images: int = Field(default=4, ge=1, le=8)
@@ -62,6 +64,6 @@ class InvokeAIConfig(GeneratorConfig):
 
     @model_validator(mode="after")
     def _poll_bounds(self) -> InvokeAIConfig:
-        if self.max_poll_interval_s < self.poll_interval_s:
-            raise ValueError("max_poll_interval_s must be at least poll_interval_s")
+        if self.poll_interval_s > self.poll_max_interval_s:
+            raise ValueError(f"poll_interval_s {self.poll_interval_s} is above poll_max_interval_s")
         return self

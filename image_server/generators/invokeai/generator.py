@@ -103,16 +103,16 @@ class InvokeAIGenerator(HTTPGenerator):
             if count > 1:
                 batch["data"] = [[{"node_path": SEED_NODE, "field_name": "value", "items": seeds}]]
             items = await self._run(api, batch, count, job)
+            outputs = [(output, seed) for item, seed in zip(items, seeds, strict=True) for output in item.images]
+            downloaded = await api.images([output.image_name for output, _ in outputs])
             images = []
-            for item, seed in zip(items, seeds, strict=True):
-                for output in item.images:
-                    data = await api.image(output.image_name)
-                    fmt = image_format_of(data)
-                    if fmt is None:
-                        raise GenerationFailed(f"{self.name}: InvokeAI returned an image that is not PNG, JPEG or WebP")
-                    images.append(
-                        GeneratedImage(data=data, format=fmt, width=output.width, height=output.height, seed=seed)
-                    )
+            for (output, seed), data in zip(outputs, downloaded, strict=True):
+                fmt = image_format_of(data)
+                if fmt is None:
+                    raise GenerationFailed(f"{self.name}: InvokeAI returned an image that is not PNG, JPEG or WebP")
+                images.append(
+                    GeneratedImage(data=data, format=fmt, width=output.width, height=output.height, seed=seed)
+                )
         except ImageServerError as exc:
             exc.request_id = exc.request_id or request.request_id
             exc.generator = exc.generator or self.name
@@ -228,7 +228,7 @@ class InvokeAIGenerator(HTTPGenerator):
                 job.progress(number / total if number else None, message)
                 last = message
             await asyncio.sleep(interval)
-            interval = min(interval * 1.5, self.config.max_poll_interval_s)
+            interval = min(interval * self.config.poll_backoff, self.config.poll_max_interval_s)
 
     def _catalog_invalidate(self) -> None:
         if self._catalog is not None:

@@ -51,7 +51,7 @@ def decode_json(content: bytes, *, generator: str, what: str) -> Any:
     try:
         return json.loads(content)
     except ValueError:
-        raise malformed(generator, f"{what} with a body that is not JSON") from None
+        raise malformed(generator, f"the {what} with a body that is not JSON") from None
 
 
 def as_dict(value: Any) -> dict[str, Any]:
