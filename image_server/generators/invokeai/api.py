@@ -136,6 +136,11 @@ class InvokeAIAPI:
     async def cancel(self, item_id: int) -> None:
         await self.call("PUT", f"{self.queue}/i/{item_id}/cancel", what=f"cancel of queue item {item_id}")
 
+    async def cancel_batch(self, batch_id: str) -> None:
+        """Cancel every item of our batch (when its item ids are not known yet)."""
+        body = {"batch_ids": [batch_id]}
+        await self.call("PUT", f"{self.queue}/cancel_by_batch_ids", json=body, what=f"cancel of batch {batch_id}")
+
     async def images(self, image_names: list[str]) -> list[bytes]:
         """The full-size files, downloaded concurrently (same server, so the client's token goes too)."""
         urls = [f"/api/v1/images/i/{quote(name, safe='')}/full" for name in image_names]

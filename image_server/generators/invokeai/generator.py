@@ -187,7 +187,7 @@ class InvokeAIGenerator(HTTPGenerator):
             raise
         except GenerationFailed:
             # A model or board may be gone or reinstalled under another key: look them up again next time.
-            self._catalog_invalidate()
+            self._forget_lookups()
             raise
 
     async def _follow(self, api: InvokeAIAPI, item_id: int, job: RenderJob, number: int, total: int) -> QueueItem:
@@ -230,7 +230,7 @@ class InvokeAIGenerator(HTTPGenerator):
             await asyncio.sleep(interval)
             interval = min(interval * self.config.poll_backoff, self.config.poll_max_interval_s)
 
-    def _catalog_invalidate(self) -> None:
+    def _forget_lookups(self) -> None:
         if self._catalog is not None:
             self._catalog.invalidate()
         self._boards.clear()
@@ -249,12 +249,7 @@ class InvokeAIGenerator(HTTPGenerator):
                 except Exception:  # the enqueue failed: nothing to cancel
                     return
             if ids is None:
-                await api.call(
-                    "PUT",
-                    f"{api.queue}/cancel_by_batch_ids",
-                    json={"batch_ids": [batch_id]},
-                    what="cancel of our batch",
-                )
+                await api.cancel_batch(batch_id)
                 return
             for item_id in ids:
                 await api.cancel(item_id)
