@@ -103,6 +103,8 @@ EXAMPLE_NAMES = {
     "cloudflare_img2img",
     "leonardo",
     "runware",
+    "invokeai_sdxl",
+    "invokeai_flux",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -136,7 +138,9 @@ def example_count() -> int:
 
 
 def test_examples_stay_comments_in_the_shipped_config():
-    assert example_count() == 7  # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware
+    assert (
+        example_count() == 8
+    )  # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -155,7 +159,17 @@ def test_all_examples_uncommented_validate(optional):
         for field, value in table.model_dump().items():
             if field.endswith("_env") and value is not None:
                 assert re.fullmatch(r"[A-Z][A-Z0-9_]*", value), f"{name}.{field} = {value!r}"
-    assert set(by_strategy) == {"mock", "fal", "openai", "gemini", "cloudflare", "kie", "leonardo", "runware"}
+    assert set(by_strategy) == {
+        "mock",
+        "fal",
+        "openai",
+        "gemini",
+        "cloudflare",
+        "kie",
+        "leonardo",
+        "runware",
+        "invokeai",
+    }
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
     assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-2"}
     assert not any(table.startup_warnings() for table in generators.values())  # no retired models
@@ -175,6 +189,8 @@ def test_all_examples_uncommented_validate(optional):
         "cloudflare_img2img",
         "leonardo",
         "runware",
+        "invokeai_sdxl",
+        "invokeai_flux",
     }
 
 

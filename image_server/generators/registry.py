@@ -27,6 +27,7 @@ _BUILTINS: dict[str, str] = {
     "kie": "image_server.generators.kie:KieGenerator",
     "leonardo": "image_server.generators.leonardo:LeonardoGenerator",
     "runware": "image_server.generators.runware:RunwareGenerator",
+    "invokeai": "image_server.generators.invokeai:InvokeAIGenerator",
 }
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)

@@ -28,6 +28,7 @@ from schemas import ImageReady, ImageSource, RenderError, RenderProgress, decode
 from tests.fakes.cloudflare import FakeCloudflare
 from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
+from tests.fakes.invokeai import FakeInvokeAI
 from tests.fakes.kie import EDIT_MODEL, FakeKie
 from tests.fakes.leonardo import FakeLeonardo
 from tests.fakes.openai import fake_openai, moderation_blocked, rate_limited
@@ -42,6 +43,7 @@ CF_ACCOUNT = "plantedaccount0123456789abcdef"
 KIE_KEY = "planted-kie-key-e2e-0123456789"
 LEONARDO_KEY = "0d5e9f3a-planted-leonardo-e2e-key"
 RUNWARE_KEY = "planted-runware-key-e2e-0123456789"
+INVOKE_TOKEN = "planted-invokeai-proxy-token-e2e"  # a reverse proxy's token in front of InvokeAI
 MUTED_LOGGERS = ("httpx", "httpcore")  # below WARNING, by image_server.cli's logging setup
 
 
@@ -90,6 +92,16 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
         with FakeRunware(api_key=RUNWARE_KEY) as fake:
             fields = {"strategy": "runware", "base_url": fake.base_url, "poll_interval_s": 0.01}
             yield Served("runware", base | fields | table, fake.environ, (RUNWARE_KEY,), fake)
+    elif provider == "invokeai":
+        with FakeInvokeAI(token=INVOKE_TOKEN) as fake:
+            fields = {
+                "strategy": "invokeai",
+                "base_url": fake.url,
+                "model": "Juggernaut XL v9",
+                "token_env": "INVOKE_TOKEN",
+            }
+            fields |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.05}
+            yield Served("invokeai", base | fields | table, {"INVOKE_TOKEN": INVOKE_TOKEN}, (INVOKE_TOKEN,), fake)
     else:
         with FakeCloudflare(api_token=CF_TOKEN, account_id=CF_ACCOUNT) as fake:
             fields = {"strategy": "cloudflare", "base_url": fake.base_url}
@@ -387,6 +399,56 @@ async def test_runware_image_to_image_with_a_lora(through_service):
     assert event.ignored == ["style"]
 
 
+async def test_invokeai_image_to_image_with_a_lora_on_the_project_board(through_service):
+    reference = ImageSource(uri=png_data_uri(64))
+    # In progress for >= 8 polls >= 30 ms apart: longer than the service's 100 ms progress throttle.
+    with serve("invokeai", poll_interval_s=0.03) as served:
+        served.fake.running_polls = 8
+        outcome = await through_service(
+            served,
+            prompt="a castle",
+            reference_image=reference,
+            strength=0.5,
+            seed=77,
+            loras=[{"name": "Pixel Art XL", "strength": 0.7}],
+            project="castles",
+            width=1024,
+            height=768,
+        )
+        fake = served.fake
+        (batch,) = fake.batches
+    event = outcome.ready
+    assert event.generator == "invokeai"
+    image = assert_stored_image(event)
+    assert image.size == (1024, 768)
+    nodes = batch["graph"]["nodes"]
+    assert nodes["lora_1"]["type"] == "sdxl_lora_loader" and nodes["lora_1"]["weight"] == 0.7
+    assert nodes["output"]["board"]["board_id"] in fake.boards and list(fake.boards.values()) == ["castles"]
+    assert event.applied["loras"] == [{"name": "Pixel Art XL", "strength": 0.7}]
+    assert event.applied["seed"] == 77 and event.applied["strength"] == 0.5 and event.applied["board"] == "castles"
+    assert event.images[0].seed == 77 and event.ignored == []
+    assert "generating" in [p.message for p in outcome.progress]
+
+
+async def test_invokeai_model_chosen_per_request(through_service):
+    with serve("invokeai") as served:
+        outcome = await through_service(
+            served, prompt="a comet", generator_config={"model": "FLUX Schnell (Quantized)"}, negative_prompt="x"
+        )
+        (batch,) = served.fake.batches
+    assert batch["graph"]["nodes"]["model_loader"]["type"] == "flux_model_loader"
+    assert outcome.ready.applied["base"] == "flux" and outcome.ready.ignored == ["negative_prompt"]
+
+
+async def test_invokeai_timeout_cancels_the_queue_item(through_service):
+    with serve("invokeai") as served:
+        served.fake.hold = True  # the item stays in progress until it is cancelled
+        outcome = await through_service(served, prompt="slow", timeout_s=0.5)
+        cancelled = served.fake.cancelled
+    assert outcome.error is not None and outcome.error.code == "timeout"
+    assert cancelled == [1]
+
+
 # -- errors, one class per case; secrets are checked by the fixture ------------------------------------
 
 
@@ -423,6 +485,22 @@ def kie_echo_key(fake: Any) -> None:
     fake.errors["poll"].extend([(500, "Server Error for")] * 5)
 
 
+def invokeai_oom(fake: Any) -> None:
+    fake.fail_with = ("OutOfMemoryError", "CUDA out of memory")
+
+
+def invokeai_echoes_the_token(fake: Any) -> None:
+    fake.fail_with = ("HTTPError", f"proxy refused header 'Bearer {INVOKE_TOKEN}'")
+
+
+def invokeai_nonsense(fake: Any) -> None:
+    fake.nonsense = {"enqueue"}
+
+
+def invokeai_missing_model(fake: Any) -> None:
+    fake.models.remove("k-sdxl")
+
+
 def scenario(name: str) -> Callable[[Any], None]:
     def apply(fake: Any) -> None:
         fake.scenario = name
@@ -455,6 +533,10 @@ def scenario(name: str) -> Callable[[Any], None]:
         ("runware", scenario("no_credits"), "generation_failed", False),
         ("runware", scenario("echo_key"), "generation_failed", True),
         ("runware", scenario("task_error"), "generation_failed", False),
+        ("invokeai", invokeai_oom, "generation_failed", False),
+        ("invokeai", invokeai_echoes_the_token, "generation_failed", False),
+        ("invokeai", invokeai_nonsense, "generation_failed", False),
+        ("invokeai", invokeai_missing_model, "invalid_request", False),
     ],
     ids=lambda value: getattr(value, "__name__", None) if callable(value) else None,
 )
