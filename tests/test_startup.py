@@ -1,0 +1,157 @@
+"""Start-up checks through the real CLI: one line, a distinct exit code, no traceback.
+
+Exit codes (README.md): 2 config, 3 generator extra missing, 4 address in use, 5 directory
+not writable, 6 CURVE keys, 7 state dir held by another service.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Procs, running_procs, write_config
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK = {
+    "requests": {"kind": "sub", "bind": "tcp://127.0.0.1:0"},
+    "events": {"kind": "xpub", "bind": "tcp://127.0.0.1:0"},
+}
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
+    async with running_procs(tmp_path) as started:
+        yield started
+
+
+def config(tmp_path: Path, name: str = "config.toml", **top: object) -> Path:
+    values: dict[str, object] = {"state_dir": tmp_path / "state", "output_dir": tmp_path / "output", **top}
+    sockets = values.pop("sockets", LOOPBACK)
+    assert isinstance(sockets, dict)
+    return write_config(tmp_path / name, sockets=sockets, mock={}, **values)
+
+
+def one_line_refusal(output: str) -> str:
+    assert "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if line.startswith("image-server: ")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+async def test_a_second_service_on_the_same_state_dir_refuses_naming_the_holder(procs: Procs, tmp_path: Path) -> None:
+    first = await procs.service("first", config(tmp_path))
+    assert first.process is not None
+    second = await procs.service("second", config(tmp_path, "second.toml"), wait=False)
+    assert await second.wait() == 7
+    line = one_line_refusal("\n".join(second.lines))
+    assert f"in use by another service (pid {first.process.pid})" in line
+    assert not second.matching("serving: ")
+
+    # A lock left by a killed holder is free at once: the next service takes it over.
+    await first.kill()
+    third = await procs.service("third", config(tmp_path, "third.toml"))
+    assert third.matching(rf"took over the state dir lock left by pid {first.process.pid}")
+    assert (tmp_path / "state" / "service.lock").read_text().strip() == str(third.process.pid)  # type: ignore[union-attr]
+
+
+async def test_a_port_in_use_is_named(procs: Procs, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        sockets = {**LOOPBACK, "requests": {"kind": "sub", "bind": f"tcp://127.0.0.1:{port}"}}
+        code, output = await procs.run("--config", str(config(tmp_path, sockets=sockets)), "serve")
+        assert code == 4, output
+        assert f"tcp://127.0.0.1:{port}" in one_line_refusal(output)
+
+        http = {"enabled": True, "port": port}
+        code, output = await procs.run("serve", "--config", str(config(tmp_path, "http.toml", http=http)))
+        assert code == 4, output
+        assert "cannot bind the HTTP listener" in one_line_refusal(output)
+
+
+async def test_an_output_dir_that_cannot_be_created_is_refused(procs: Procs, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # root ignores permissions; a file in the path stops anyone
+    code, output = await procs.run("serve", "--config", str(config(tmp_path, output_dir=blocker / "output")))
+    assert code == 5, output
+    assert one_line_refusal(output) == f"image-server: output_dir: {blocker / 'output'} not writable: Not a directory"
+
+
+async def test_missing_curve_keys_are_refused(procs: Procs, tmp_path: Path) -> None:
+    path = config(tmp_path)
+    path.write_text(
+        path.read_text() + f'[security]\ncurve = true\nsecret_key = "{tmp_path / "keys" / "x.key_secret"}"\n'
+    )
+    code, output = await procs.run("serve", "--config", str(path))
+    assert code == 6, output
+    assert "cannot load CURVE key file" in one_line_refusal(output)
+
+
+async def test_a_generator_whose_extra_is_missing_names_the_extra(procs: Procs, tmp_path: Path) -> None:
+    # Hide the installed fal-client as an uninstalled extra would be.
+    hidden = tmp_path / "hide"
+    (hidden / "fal_client").mkdir(parents=True)
+    (hidden / "fal_client" / "__init__.py").write_text("raise ImportError(\"No module named 'fal_client'\")\n")
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '[generators.falai]\nstrategy = "fal"\nendpoint = "fal-ai/flux/schnell"\n')
+    code, output = await procs.run("serve", "--config", str(path), env={"PYTHONPATH": str(hidden)})
+    assert code == 3, output
+    assert "uv sync --extra fal" in one_line_refusal(output)
+
+
+async def test_an_environment_error_names_the_variable(procs: Procs, tmp_path: Path) -> None:
+    env = {"IMAGE_SERVER_HEARTBEAT_INTERVAL_S": "-1"}
+    code, output = await procs.run("serve", "--config", str(config(tmp_path)), env=env)
+    assert code == 2, output
+    line = one_line_refusal(output)
+    assert "IMAGE_SERVER_HEARTBEAT_INTERVAL_S" in line and "config.toml" not in line
+
+
+async def test_a_retired_model_is_a_warning_not_a_refusal(procs: Procs, tmp_path: Path) -> None:
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '[generators.old]\nstrategy = "openai"\nmodel = "dall-e-3"\n')
+    service = await procs.service("retired", path)
+    assert service.matching(r"WARNING .*generator old: model 'dall-e-3' is a legacy model")
+
+
+async def test_version_and_options_after_the_subcommand(procs: Procs, tmp_path: Path) -> None:
+    code, output = await procs.run("--version")
+    assert code == 0 and output.startswith("image-server 0."), output
+    code, output = await procs.run("config", "check", "--config", str(config(tmp_path)))
+    assert code == 0, output
+    assert '"service_id": "image-server"' in output
+    assert "mock (mock) [default]: text-to-image, image-to-image" in output
+
+
+async def test_config_check_masks_secrets_and_says_which_key_variables_are_set(procs: Procs, tmp_path: Path) -> None:
+    path = config(tmp_path)
+    path.write_text(path.read_text() + '[generators.cf]\nstrategy = "cloudflare"\n')
+    code, output = await procs.run("config", "check", "--config", str(path), env={"CLOUDFLARE_API_TOKEN": "s3cret"})
+    assert code == 0, output
+    assert "s3cret" not in output
+    assert '"api_token_env": "CLOUDFLARE_API_TOKEN (set)"' in output
+    assert '"account_id_env": "CLOUDFLARE_ACCOUNT_ID (not set)"' in output
+
+
+def test_secret_looking_values_are_masked_wherever_they_sit() -> None:
+    from image_server.configcheck import masked
+
+    shown = masked({"arguments": {"api_key": "k1", "nested": [{"token": "t1"}]}, "api_key_env": "NOPE_UNSET_VAR"})
+    assert shown == {
+        "arguments": {"api_key": "***", "nested": [{"token": "***"}]},
+        "api_key_env": "NOPE_UNSET_VAR (not set)",
+    }
+
+
+def test_exit_codes_are_distinct() -> None:
+    from image_server import startup
+
+    codes = [value for name, value in vars(startup).items() if name.startswith("EXIT_")]
+    assert len(codes) == len(set(codes)) == 8
+    assert os.EX_OK == startup.EXIT_OK
