@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import logging
 import signal
 import sys
 import threading
@@ -33,7 +32,6 @@ from image_server.statelock import state_dir_in_use
 from image_server.storage import OutputStore
 from schemas import ImageSource, RenderRequest, Timings
 
-logger = logging.getLogger("image_server")
 console = Console()
 errors = Console(stderr=True)
 
@@ -46,8 +44,7 @@ GIL_SWITCH_INTERVAL_S = 0.001
 
 async def serve(config: ServiceConfig) -> int:
     """Check, start and run until signalled; a refusal is one line and a distinct exit code."""
-    for warning in await asyncio.to_thread(preflight, config):
-        logger.warning("%s", warning)
+    await asyncio.to_thread(preflight, config)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the service owns this process
     service = ImageService(config, handle_signals=True)
     try:

@@ -14,8 +14,6 @@ import zmq
 
 from image_server.config import ServiceConfig
 from image_server.errors import ConfigError, GeneratorUnavailable
-from image_server.generators.extras import missing_extras
-from image_server.generators.retired import retired_model_warnings
 from image_server.security import load_keypair, load_public_key
 from image_server.statelock import StateDirLocked
 from image_server.writable import writable_problem
@@ -49,11 +47,10 @@ def config_failure(exc: ConfigError) -> StartupError:
     return StartupError(str(exc), EXIT_CONFIG)
 
 
-def preflight(config: ServiceConfig) -> list[str]:
-    """Refuse (``StartupError``) what would fail later; return warnings worth a log line."""
-    missing = missing_extras(config.generators)
-    if missing:
-        raise StartupError(missing[0], EXIT_GENERATOR)
+def preflight(config: ServiceConfig) -> None:
+    """Refuse (``StartupError``) what would fail later. (A generator whose strategy cannot be
+    imported never gets here: loading the config refuses it, exit 3. Retired provider models
+    are warned about by the manager as it opens, from ``GeneratorConfig.startup_warnings``.)"""
     folders = [("output_dir", config.output_dir)]
     if config.journal.enabled:
         folders.append(("state_dir", config.state_dir))
@@ -75,7 +72,6 @@ def preflight(config: ServiceConfig) -> list[str]:
                 "(create it and copy the clients' .key files into it)",
                 EXIT_KEYS,
             )
-    return retired_model_warnings(config.generators)
 
 
 def startup_failure(exc: BaseException) -> StartupError | None:

@@ -93,16 +93,21 @@ async def test_missing_curve_keys_are_refused(procs: Procs, tmp_path: Path) -> N
     assert "cannot load CURVE key file" in one_line_refusal(output)
 
 
-async def test_a_generator_whose_extra_is_missing_names_the_extra(procs: Procs, tmp_path: Path) -> None:
-    # Hide the installed fal-client as an uninstalled extra would be.
-    hidden = tmp_path / "hide"
-    (hidden / "fal_client").mkdir(parents=True)
-    (hidden / "fal_client" / "__init__.py").write_text("raise ImportError(\"No module named 'fal_client'\")\n")
+async def test_a_generator_whose_dependencies_are_missing_names_the_extra(procs: Procs, tmp_path: Path) -> None:
+    # A third-party strategy, installed (its entry point is visible) but without the package
+    # it imports, as when its extra was not installed.
+    plugins = tmp_path / "plugins"
+    info = plugins / "fancy_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fancy-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[image_server.generators]\nfancy = fancy_generator:FancyGenerator\n")
+    (plugins / "fancy_generator.py").write_text("import fancy_sdk_not_installed  # noqa\n")
     path = config(tmp_path)
-    path.write_text(path.read_text() + '[generators.falai]\nstrategy = "fal"\nendpoint = "fal-ai/flux/schnell"\n')
-    code, output = await procs.run("serve", "--config", str(path), env={"PYTHONPATH": str(hidden)})
+    path.write_text(path.read_text() + '[generators.fancy]\nstrategy = "fancy"\n')
+    code, output = await procs.run("serve", "--config", str(path), env={"PYTHONPATH": str(plugins)})
     assert code == 3, output
-    assert "uv sync --extra fal" in one_line_refusal(output)
+    line = one_line_refusal(output)
+    assert "No module named 'fancy_sdk_not_installed'" in line and "uv sync --extra fancy" in line
 
 
 async def test_an_environment_error_names_the_variable(procs: Procs, tmp_path: Path) -> None:
@@ -117,7 +122,7 @@ async def test_a_retired_model_is_a_warning_not_a_refusal(procs: Procs, tmp_path
     path = config(tmp_path)
     path.write_text(path.read_text() + '[generators.old]\nstrategy = "openai"\nmodel = "dall-e-3"\n')
     service = await procs.service("retired", path)
-    assert service.matching(r"WARNING .*generator old: model 'dall-e-3' is a legacy model")
+    assert service.matching(r"WARNING .*generator old: OpenAI shut dall-e-3 down on 2026-05-12")
 
 
 async def test_version_and_options_after_the_subcommand(procs: Procs, tmp_path: Path) -> None:
