@@ -182,3 +182,15 @@ async def test_http_responses_the_service_receives_are_counted_by_host_and_statu
     assert missing.value.code == "reference_image"
     assert value(parsed, "image_server_http_responses_total", host="127.0.0.1", status="200") == 1
     assert value(parsed, "image_server_http_responses_total", host="127.0.0.1", status="404") == 1
+
+
+async def test_heartbeat_and_status_carry_the_version(service_factory, raw_peer):
+    from image_server.version import VERSION
+    from schemas import Heartbeat, ServiceStatus, StatusRequest, encode_message
+
+    async with service_factory() as service:
+        peer = await raw_peer(service)
+        beat = await peer.next_event(lambda e: isinstance(e, Heartbeat))
+        await peer.send(encode_message(StatusRequest(request_id="v-1")))
+        status = await peer.next_event(lambda e: isinstance(e, ServiceStatus) and e.request_id == "v-1")
+    assert VERSION.startswith("0.") and beat.message.version == VERSION and status.message.version == VERSION

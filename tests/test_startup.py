@@ -160,3 +160,38 @@ def test_exit_codes_are_distinct() -> None:
     codes = [value for name, value in vars(startup).items() if name.startswith("EXIT_")]
     assert len(codes) == len(set(codes)) == 8
     assert os.EX_OK == startup.EXIT_OK
+
+
+async def test_key_files_readable_by_others_or_a_missing_key_folder_are_refused(procs: Procs, tmp_path: Path) -> None:
+    code, output = await procs.run("keys", "generate", "--dir", str(tmp_path / "keys"), "--name", "server")
+    assert code == 0, output
+    secret = tmp_path / "keys" / "server.key_secret"
+    path = config(tmp_path)
+    security = f'[security]\ncurve = true\nsecret_key = "{secret}"\nauthorized_keys = "{tmp_path / "authorized"}"\n'
+    path.write_text(path.read_text() + security)
+    code, output = await procs.run("serve", "--config", str(path))
+    assert code == 6, output
+    assert "authorized_keys" in one_line_refusal(output) and "is not a directory" in output
+
+    (tmp_path / "authorized").mkdir()
+    secret.chmod(0o644)
+    code, output = await procs.run("serve", "--config", str(path))
+    assert code == 6, output
+    assert "readable by others (mode 644); chmod 600 it" in one_line_refusal(output)
+
+
+def test_every_option_has_help_text() -> None:
+    import argparse
+
+    from image_server.cli import build_parser
+
+    missing = []
+    parsers = [("image-server", build_parser())]
+    while parsers:
+        name, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {sub}", child) for sub, child in action.choices.items()]
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing
