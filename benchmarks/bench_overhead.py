@@ -6,6 +6,9 @@ each run is a fresh service process. Reported: the client's round trip (send to
 ImageReady) and the service's own ``timings.total`` (receipt to stored), p50/p99, with the
 journal on and off.
 
+With metrics on (``[http] enabled``, so Prometheus counters and histograms are updated for
+every event) against off: ``median.metrics_cost`` is the relative difference (target < 3 %).
+
     uv run python benchmarks/bench_overhead.py [--requests 1000] [--runs 3]
 """
 
@@ -16,6 +19,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import timeit
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +28,8 @@ import zmq.asyncio
 from harness import BENCH_DIR, free_port, machine, median_of, now_s, running_service, summary_ms
 
 from image_server.client import RenderClient
-from schemas import RenderAccepted, RenderProgress, RenderRequest, encode_message
+from image_server.metrics import ServiceMetrics
+from schemas import ImageReady, RenderAccepted, RenderProgress, RenderRequest, Timings, encode_message
 
 TARGET_P50_MS = 0.5
 GENERATORS = {"ready": {"strategy": "ready", "concurrency": 8}}
@@ -146,24 +151,56 @@ def transport_floor(replies: int, count: int) -> dict[str, float | int]:
         process.wait(timeout=10)
 
 
-def measure(journal: bool, count: int, warmup: int, log_level: str = "info") -> dict[str, Any]:
+def observe_cost_us(repeat: int = 5, number: int = 20_000) -> dict[str, float]:
+    """In-process, without the noise of a loaded machine: what the metrics hook adds per
+    request (RenderAccepted, two RenderProgress, ImageReady), best of ``repeat``, in us."""
+    accepted = RenderAccepted(request_id="r", generator="ready")
+    progress = RenderProgress(request_id="r", stage="started", generator="ready")
+    timings = Timings(queued=0.1, normalize=0.0, generate=0.1, store=0.2, total=0.4)
+    ready = ImageReady(request_id="r", generator="ready", images=[], timings=timings, attempts=1)
+    costs = {}
+    for label, enabled in (("on", True), ("off", False)):
+        metrics = ServiceMetrics(enabled=enabled)
+
+        def one_request(m: ServiceMetrics = metrics) -> None:
+            for event in (accepted, progress, progress, ready):
+                m.observe(event)
+
+        best = min(timeit.repeat(one_request, number=number, repeat=repeat))
+        costs[label] = round(best / number * 1e6, 2)
+    return costs
+
+
+def measure(journal: bool, count: int, warmup: int, log_level: str = "info", metrics: bool = False) -> dict[str, Any]:
+    # Metrics are collected only with the HTTP listener on (nothing could read them otherwise).
+    http = {"enabled": metrics, "port": free_port() if metrics else 9464}
     with running_service(
-        GENERATORS, wrapper=True, log_level=log_level, journal={"enabled": journal}, heartbeat_interval_s=1.0
+        GENERATORS,
+        wrapper=True,
+        log_level=log_level,
+        journal={"enabled": journal},
+        heartbeat_interval_s=1.0,
+        http=http,
     ) as service:
         result = asyncio.run(_drive(service.requests, service.events, count, warmup, service.thread_cpu_ns))
     return {**result, "machine": machine()}
 
 
-# (label, journal enabled, service log level); runs alternate between them so that all see
-# the same machine load. "info" is the default level: two log lines per request.
-VARIANTS = (("journal_on", True, "info"), ("journal_off", False, "info"), ("journal_on_log_warning", True, "warning"))
+# (label, journal enabled, service log level, metrics); runs alternate between them so that all
+# see the same machine load. "info" is the default level: two log lines per request.
+VARIANTS = (
+    ("journal_on", True, "info", False),
+    ("journal_off", False, "info", False),
+    ("journal_on_log_warning", True, "warning", False),
+    ("journal_on_metrics", True, "info", True),
+)
 
 
 def run(runs: int = 3, count: int = 1000, warmup: int = 100) -> dict[str, Any]:
-    samples: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in VARIANTS}
+    samples: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in VARIANTS}
     for _ in range(runs):
-        for label, journal, level in VARIANTS:
-            samples[label].append(measure(journal, count, warmup, level))
+        for label, journal, level, metrics in VARIANTS:
+            samples[label].append(measure(journal, count, warmup, level, metrics))
     medians: dict[str, Any] = {
         label: {
             "round_trip_p50_ms": median_of(values, "round_trip.p50_ms"),
@@ -184,6 +221,16 @@ def run(runs: int = 3, count: int = 1000, warmup: int = 100) -> dict[str, Any]:
     for label, values in floors.items():
         medians[label] = {"p50_ms": median_of(values, "p50_ms"), "p99_ms": median_of(values, "p99_ms")}
     headline = medians["journal_on"]["service_total_p50_ms"]
+    on, off = medians["journal_on_metrics"], medians["journal_on"]
+    medians["metrics_cost"] = {
+        key: round(on[key] / off[key] - 1.0, 4) if off[key] else None
+        for key in ("service_total_p50_ms", "round_trip_p50_ms", "service_cpu_per_request_ms")
+    }
+    hook = observe_cost_us()
+    medians["metrics_cost"]["observe_us_per_request"] = hook
+    medians["metrics_cost"]["observe_share_of_service_cpu"] = round(
+        (hook["on"] - hook["off"]) / 1000.0 / off["service_cpu_per_request_ms"], 4
+    )
     return {
         "figure": "service overhead per request, ready image",
         "requests_per_run": count,

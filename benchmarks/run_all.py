@@ -46,6 +46,7 @@ def overhead_rows(r: dict[str, Any]) -> list[Row]:
         ("journal_on", "journal on"),
         ("journal_off", "journal off"),
         ("journal_on_log_warning", "journal on, log level warning"),
+        ("journal_on_metrics", "journal on, metrics on"),
     ):
         v = m[label]
         rows.append(
@@ -59,6 +60,19 @@ def overhead_rows(r: dict[str, Any]) -> list[Row]:
                 _met(v["service_total_p50_ms"] < 0.5) if label == "journal_on" else "-",
             )
         )
+    cost = m["metrics_cost"]
+    rows.append(
+        (
+            "1. metrics on vs off (journal on)",
+            f"service timings.total p50 {cost['service_total_p50_ms']:+.1%}; round trip p50 "
+            f"{cost['round_trip_p50_ms']:+.1%}; service CPU/request {cost['service_cpu_per_request_ms']:+.1%}; "
+            f"the hook in-process {cost['observe_us_per_request']['on']} us/request (off: "
+            f"{cost['observe_us_per_request']['off']} us) = {cost['observe_share_of_service_cpu']:.1%} of the "
+            "service CPU per request",
+            "< 3 %",
+            _met(cost["observe_share_of_service_cpu"] < 0.03 and cost["service_cpu_per_request_ms"] < 0.03),
+        )
+    )
     rows.append(
         (
             "1. transport floor: bare zmq.asyncio echo process",

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import logging.config
-import logging.handlers
 import os
-import queue
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +12,9 @@ from typing import Any
 
 from image_server.config import ServiceConfig, load_config
 from image_server.errors import ConfigError
+from image_server.logsetup import setup_logging
+from image_server.startup import StartupError, config_failure
+from image_server.version import VERSION
 
 DEFAULT_CONFIG = Path("config.toml")
 
@@ -46,76 +45,84 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _setup_logging(level: str) -> None:
-    logging.config.dictConfig(
-        {
-            "version": 1,
-            "disable_existing_loggers": False,
-            "formatters": {
-                "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "datefmt": "%H:%M:%S"}
-            },
-            "handlers": {
-                "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}
-            },
-            "root": {"handlers": ["stderr"], "level": level.upper()},
-            # httpx logs every request URL at INFO; some URLs carry account ids.
-            "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
-        }
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Options that work before or after the subcommand. After it, they default to
+    SUPPRESS so that they do not overwrite what was given before it."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--config", default=default(None), help="config file (default: $IMAGE_SERVER_CONFIG or ./config.toml)"
     )
-    _write_logs_on_a_thread()
-
-
-def _write_logs_on_a_thread() -> None:
-    """Writing a log line is file I/O; the event loop only queues the record, a listener
-    thread writes it (logging.handlers' QueueHandler/QueueListener)."""
-    root = logging.getLogger()
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, *root.handlers, respect_handler_level=True)
-    root.handlers = [logging.handlers.QueueHandler(records)]
-    listener.start()
-    atexit.register(listener.stop)  # flushes what is queued before the process exits
+    parser.add_argument(
+        "--log-level",
+        default=default(None),
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: [log] level in the config, info)",
+    )
+    parser.add_argument(
+        "--log-format", default=default(None), choices=["text", "json"], help="text lines or one JSON object a line"
+    )
+    parser.add_argument("--log-file", default=default(None), help="also log to this file, rotated (see [log])")
+    parser.add_argument("--output-dir", default=default(None), help="where images are written")
+    parser.add_argument("--state-dir", default=default(None), help="where the journal and its lock live")
+    parser.add_argument("--default-generator", default=default(None), help="generator for requests that name none")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="image-server", description="ZeroMQ render microservice.")
-    parser.add_argument("--config", help="config file (default: $IMAGE_SERVER_CONFIG or ./config.toml)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--output-dir", help="where images are written")
-    parser.add_argument("--state-dir", help="where the journal lives")
-    parser.add_argument("--default-generator", help="generator for requests that name none")
+    parser.add_argument("--version", action="version", version=f"image-server {VERSION}")
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the service")
+    serve = commands.add_parser("serve", parents=[common], help="run the service")
     serve.add_argument("--requests-bind", help="bind the requests socket here (e.g. tcp://127.0.0.1:5555)")
     serve.add_argument("--events-bind", help="bind the events socket here (e.g. tcp://127.0.0.1:5556)")
 
-    render = commands.add_parser("render", help="render one image in-process and print its path")
-    render.add_argument("prompt")
-    render.add_argument("--generator")
-    render.add_argument("--width", type=int)
-    render.add_argument("--height", type=int)
-    render.add_argument("--seed", type=int)
-    render.add_argument("--steps", type=int)
-    render.add_argument("--num-images", type=int, default=1)
+    render = commands.add_parser("render", parents=[common], help="render one image in-process and print its path")
+    render.add_argument("prompt", help="what to draw")
+    render.add_argument("--generator", help="a configured generator (default: default_generator)")
+    render.add_argument("--width", type=int, help="pixels")
+    render.add_argument("--height", type=int, help="pixels")
+    render.add_argument("--seed", type=int, help="for a reproducible image, where the generator takes one")
+    render.add_argument("--steps", type=int, help="inference steps, where the generator takes them")
+    render.add_argument("--num-images", type=int, default=1, help="how many images (default 1)")
     render.add_argument("--reference", action="append", default=[], help="a reference image file or URI (repeatable)")
-    render.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png")
-    render.add_argument("--project")
+    render.add_argument("--output-format", choices=["png", "jpeg", "webp"], default="png", help="image format")
+    render.add_argument("--project", help="output subfolder (default: default_project)")
 
-    generators = commands.add_parser("generators", help="list configured generators")
+    generators = commands.add_parser("generators", parents=[common], help="list configured generators")
     generators.add_argument("--check", action="store_true", help="also make a cheap call to each backend")
 
-    commands.add_parser("demo", help="start the service on loopback, render through real sockets, show timings")
+    commands.add_parser(
+        "demo", parents=[common], help="start the service on loopback, render through real sockets, show timings"
+    )
 
-    jobs = commands.add_parser("jobs", help="list recent journal entries")
-    jobs.add_argument("--limit", type=int, default=30)
+    jobs = commands.add_parser("jobs", parents=[common], help="list recent journal entries")
+    jobs.add_argument("--limit", type=int, default=30, help="how many entries, newest first")
 
-    keys = commands.add_parser("keys", help="CURVE key pairs")
+    health = commands.add_parser(
+        "health", parents=[common], help="exit 0 if the service is ready, 1 if not (for container health checks)"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    health.add_argument("--wait", action="store_true", help="keep asking until ready or --timeout (for start-up)")
+
+    config = commands.add_parser("config", parents=[common], help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser(
+        "check", parents=[common], help="validate config and environment, print the effective config (secrets masked)"
+    )
+
+    keys = commands.add_parser("keys", parents=[common], help="CURVE key pairs")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     generate = keys_commands.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (mode 0600)")
     generate.add_argument("--dir", default="keys", help="folder for the key files (created 0700)")
     generate.add_argument("--name", default="server", help="file name stem, e.g. server or a client's name")
 
-    broker = commands.add_parser("broker", help="one address for clients in front of N workers")
+    broker = commands.add_parser("broker", parents=[common], help="one address for clients in front of N workers")
     broker.add_argument("--clients-requests", default="tcp://127.0.0.1:5555", help="clients send requests here")
     broker.add_argument("--clients-events", default="tcp://127.0.0.1:5556", help="clients subscribe here")
     broker.add_argument("--workers-requests", default="tcp://127.0.0.1:5557", help="workers' PULL sockets connect here")
@@ -126,17 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level if args.command in ("serve", "broker") else "warning")
     if args.command in ("broker", "keys"):
+        setup_logging(args.log_level or "info", fmt=args.log_format or "text")
         from image_server import commands
 
         return commands.broker(args) if args.command == "broker" else commands.generate_keys(args)
     try:
         config = load_config(_config_path(args.config), overrides=_flag_overrides(args))
     except ConfigError as exc:
-        print(f"image-server: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_dispatch(args, config))
+        failure = config_failure(exc)
+        print(f"image-server: {failure.message}", file=sys.stderr)
+        return failure.exit_code
+    log = config.log
+    quiet = args.command not in ("serve", "broker")  # one-shot commands print results, not log lines
+    setup_logging(
+        args.log_level or ("warning" if quiet else log.level),
+        fmt=args.log_format or log.format,
+        file=Path(args.log_file) if args.log_file else log.file,
+        max_bytes=log.max_bytes,
+        backups=log.backup_count,
+    )
+    try:
+        return asyncio.run(_dispatch(args, config))
+    except StartupError as exc:
+        print(f"image-server: {exc.message}", file=sys.stderr)
+        return exc.exit_code
 
 
 async def _dispatch(args: argparse.Namespace, config: ServiceConfig) -> int:
@@ -152,4 +173,12 @@ async def _dispatch(args: argparse.Namespace, config: ServiceConfig) -> int:
         return await commands.demo(config)
     if args.command == "jobs":
         return commands.jobs(config, limit=args.limit)
+    if args.command == "health":
+        from image_server.healthcmd import health
+
+        return await health(config, timeout=args.timeout, wait=args.wait)
+    if args.command == "config":
+        from image_server.configcheck import config_check
+
+        return config_check(config)
     raise AssertionError(args.command)  # pragma: no cover - argparse enforces the choices

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import signal
 import sys
@@ -26,6 +27,8 @@ from image_server.manager import GeneratorManager
 from image_server.pipeline import RenderPipeline
 from image_server.security import generate_keypair
 from image_server.service import ImageService
+from image_server.startup import preflight, startup_failure
+from image_server.statelock import state_dir_in_use
 from image_server.storage import OutputStore
 from schemas import ImageSource, RenderRequest, Timings
 
@@ -40,9 +43,18 @@ GIL_SWITCH_INTERVAL_S = 0.001
 
 
 async def serve(config: ServiceConfig) -> int:
+    """Check, start and run until signalled; a refusal is one line and a distinct exit code."""
+    await asyncio.to_thread(preflight, config)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the service owns this process
     service = ImageService(config, handle_signals=True)
-    await service.run()
+    try:
+        await service.start()
+    except Exception as exc:
+        failure = startup_failure(exc)
+        if failure is None:
+            raise
+        raise failure from None
+    await service.serve_until_stopped()
     return 0
 
 
@@ -170,8 +182,10 @@ def _timings_table(timings: Timings, ready_ms: float, round_trip_ms: float) -> T
 def jobs(config: ServiceConfig, *, limit: int) -> int:
     """Recent journal entries, newest first (reads the SQLite file read-only)."""
     table = Table("request_id", "status", "generator", "accepted", "total ms", "code")
+    # Unfinished requests of a stopped service are not running: the next start resumes them.
+    unfinished = "running" if state_dir_in_use(config.state_dir) else "interrupted"
     for entry in recent_entries(config.state_dir, limit=limit):
-        status = "running" if entry.finished_at is None else ("done" if entry.outcome == "ImageReady" else "failed")
+        status = unfinished if entry.finished_at is None else ("done" if entry.outcome == "ImageReady" else "failed")
         accepted = datetime.fromtimestamp(entry.accepted_at).strftime("%Y-%m-%d %H:%M:%S")
         total = f"{entry.total_ms:.0f}" if entry.total_ms is not None else ""
         table.add_row(entry.request_id, status, entry.generator, accepted, total, entry.code or "")

@@ -32,7 +32,7 @@ class _Section(BaseModel):
 class SocketConfig(_Section):
     """One socket: bind or connect (exactly one), and its kind."""
 
-    kind: Literal["sub", "pull", "pub", "xpub"]
+    kind: Literal["sub", "pull", "pub", "xpub", "push"]
     bind: str | None = None
     connect: list[str] = Field(default_factory=list)
     high_water_mark: int = Field(default=1000, ge=0)
@@ -52,8 +52,8 @@ class SocketsConfig(_Section):
     def _kinds(self) -> SocketsConfig:
         if self.requests.kind not in ("sub", "pull"):
             raise ValueError("sockets.requests.kind must be 'sub' or 'pull'")
-        if self.events.kind not in ("pub", "xpub"):
-            raise ValueError("sockets.events.kind must be 'pub' or 'xpub'")
+        if self.events.kind not in ("pub", "xpub", "push"):
+            raise ValueError("sockets.events.kind must be 'pub', 'xpub' or 'push'")
         return self
 
 
@@ -95,6 +95,46 @@ class JournalConfig(_Section):
     prune_interval_s: float = Field(default=3600, gt=0)
 
 
+class HttpConfig(_Section):
+    """The HTTP listener for /healthz, /readyz and /metrics (off unless enabled)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # loopback: anything else is an explicit choice
+    port: int = Field(default=9464, ge=0, le=65535)
+    # /healthz fails when the event loop answers later than this.
+    max_loop_lag_s: float = Field(default=1.0, gt=0)
+
+
+class LogConfig(_Section):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    file: Path | None = None  # also write here, rotated at max_bytes, keeping backup_count files
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    backup_count: int = Field(default=5, ge=0, le=1000)
+
+
+class CompatConfig(_Section):
+    """Drop-in behaviour for existing controllers (see README.md, Compatibility profiles)."""
+
+    profile: Literal["none", "experimance"] = "none"
+    # Events as one frame of plain JSON, terminal events only (for a PULL controller).
+    single_frame_events: bool = False
+    # Request fields the schema does not know are echoed back in ImageReady and RenderError.
+    echo_unknown_fields: bool = False
+
+
+# What ``[compat] profile`` sets unless the file says otherwise.
+COMPAT_PROFILES: dict[str, dict[str, Any]] = {
+    "experimance": {
+        "sockets": {
+            "requests": {"kind": "pull", "connect": ["tcp://localhost:5564"]},
+            "events": {"kind": "push", "connect": ["tcp://localhost:5565"]},
+        },
+        "compat": {"single_frame_events": True, "echo_unknown_fields": True},
+    }
+}
+
+
 class ServiceConfig(_Section):
     service_id: str = "image-server"
     state_dir: Path = Path("state")
@@ -109,6 +149,9 @@ class ServiceConfig(_Section):
     references: ReferencesConfig = ReferencesConfig()
     journal: JournalConfig = JournalConfig()
     security: SecurityConfig = SecurityConfig()
+    http: HttpConfig = HttpConfig()
+    log: LogConfig = LogConfig()
+    compat: CompatConfig = CompatConfig()
     generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -162,8 +205,24 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
 
 
-def build_config(data: Mapping[str, Any], *, source: str = "<config>") -> ServiceConfig:
-    """Validate merged raw data; each generator table by its own strategy's model."""
+def _env_name(loc: tuple[Any, ...], env: Mapping[str, Any]) -> str | None:
+    """The ``IMAGE_SERVER_*`` variable that set the value at ``loc``, if one did."""
+    node: Any = env
+    for depth, part in enumerate(loc, start=1):
+        if not isinstance(node, Mapping) or str(part) not in node:
+            return None
+        node = node[str(part)]
+        if not isinstance(node, Mapping):
+            return ENV_PREFIX + "__".join(str(p).upper() for p in loc[:depth])
+    return None
+
+
+def build_config(
+    data: Mapping[str, Any], *, source: str = "<config>", env: Mapping[str, Any] | None = None
+) -> ServiceConfig:
+    """Validate merged raw data; each generator table by its own strategy's model. An error
+    in a value that came from the environment names the variable (``env``), not the file."""
+    env = env or {}
     raw = dict(data)
     tables = raw.pop("generators", {}) or {}
     if not isinstance(tables, Mapping):
@@ -175,15 +234,22 @@ def build_config(data: Mapping[str, Any], *, source: str = "<config>") -> Servic
         try:
             generators[name] = validate_generator_config(name, table)
         except ConfigError as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+            from_env = [
+                variable for key in table if (variable := _env_name(("generators", name, key), env)) is not None
+            ]
+            where = f"{source} or {', '.join(from_env)}" if from_env else source
+            raise ConfigError(f"{where}: {exc}") from exc
     try:
         return ServiceConfig.model_validate({**raw, "generators": generators})
     except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False)
-        )
-        raise ConfigError(f"{source}: {details}") from exc
+        details = []
+        for e in exc.errors(include_url=False, include_input=False):
+            variable = _env_name(e["loc"], env)
+            if variable is not None:
+                details.append(f"{variable}: {e['msg']}")
+            else:
+                details.append(f"{source}: {'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}")
+        raise ConfigError("; ".join(details)) from exc
 
 
 def load_config(
@@ -199,9 +265,35 @@ def load_config(
     if path is not None:
         data = read_toml(path)
         source = str(path)
-    data = _deep_merge(data, env_overrides(environ))
+    env = env_overrides(environ)
+    data = _deep_merge(data, env)
     if overrides:
         data = _deep_merge(data, overrides)
     if not data.get("generators"):
         data["generators"] = {"mock": {"strategy": "mock"}}
-    return build_config(data, source=source)
+    data = apply_compat_profile(data)
+    return build_config(data, source=source, env=env)
+
+
+def apply_compat_profile(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill in what ``[compat] profile`` implies. A socket table left at the built-in default
+    (as in the shipped config.toml) takes the profile's; one changed by the user wins."""
+    compat = data.get("compat")
+    profile = compat.get("profile") if isinstance(compat, Mapping) else None
+    preset = COMPAT_PROFILES.get(profile) if isinstance(profile, str) else None
+    if preset is None:
+        return data
+    merged = dict(data)
+    sockets = dict(merged.get("sockets") or {})
+    defaults = SocketsConfig()
+    for role, table in preset["sockets"].items():
+        given = sockets.get(role)
+        try:
+            unchanged = given is None or SocketConfig.model_validate(given) == getattr(defaults, role)
+        except ValidationError:
+            unchanged = False  # let validation report it
+        if unchanged:
+            sockets[role] = table
+    merged["sockets"] = sockets
+    merged["compat"] = {**preset["compat"], **dict(compat or {})}
+    return merged

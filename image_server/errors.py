@@ -9,6 +9,7 @@ ImageServerError
     Cancelled                         a CancelRequest ended it                 cancelled
     Superseded                        a newer request on its channel           superseded
   ReferenceImageError                 a reference image can't be used          reference_image
+  StorageFailed                       output dir full or not writable          storage (retryable)
   GeneratorError
     GeneratorNotFound (LookupError)   unknown generator name                   unknown_generator
     GeneratorUnavailable              import or credentials failed             generation_failed
@@ -44,6 +45,7 @@ __all__ = [
     "RateLimited",
     "ReferenceImageError",
     "RequestRejected",
+    "StorageFailed",
     "Superseded",
     "Unsupported",
 ]
@@ -160,4 +162,12 @@ class PromptTooLong(GenerationFailed):
 
 class GenerationTimeout(GeneratorError, TimeoutError):
     code = "timeout"
+    default_retryable = True
+
+
+class StorageFailed(ImageServerError):
+    """The image was rendered but could not be written (disk full, read-only output dir).
+    Retryable: the operator can free space, and the request is worth sending again."""
+
+    code = "storage"
     default_retryable = True

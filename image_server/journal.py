@@ -277,6 +277,25 @@ class Journal:
 
         return await self._call(op)
 
+    async def stats(self) -> tuple[int, int]:
+        """(rows, unfinished rows), for metrics."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            rows, unfinished = conn.execute("SELECT COUNT(*), COUNT(*) - COUNT(finished_at) FROM requests").fetchone()
+            return int(rows), int(unfinished)
+
+        return await self._call(op)
+
+    def size_bytes(self) -> int:
+        """The database file and its WAL, in bytes."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += self.path.with_name(self.path.name + suffix).stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
     async def prune(self, *, now: float | None = None) -> int:
         """Delete finished entries older than the retention; returns how many."""
         cutoff = (time.time() if now is None else now) - self.retention_s

@@ -151,7 +151,12 @@ class RequestTracker:
                 await self.publisher.publish(stored, reply_to=request.reply_to, blobs=recorded.blobs)
                 return
         self.counters["accepted"] += 1
-        logger.info("→ %s accepted for %s", request.request_id, active.generator)
+        logger.info(
+            "→ %s accepted for %s",
+            request.request_id,
+            active.generator,
+            extra={"request_id": request.request_id, "generator": active.generator},
+        )
         if request.clear_queue:
             self._end_queued(Superseded("cleared by a request with clear_queue", request_id=request.request_id))
         if request.channel:
@@ -289,10 +294,22 @@ class RequestTracker:
             del self._channels[request.channel]
         if isinstance(event, ImageReady):
             self.counters["completed"] += 1
-            logger.info("← %s %s %.2fs", rid, event.generator, event.timings.total / 1000)
+            logger.info(
+                "← %s %s %.2fs",
+                rid,
+                event.generator,
+                event.timings.total / 1000,
+                extra={"request_id": rid, "generator": event.generator, "duration_ms": event.timings.total},
+            )
         else:
             self.counters["failed"] += 1
-            logger.info("! %s %s: %s", rid, event.code, event.message)
+            logger.info(
+                "! %s %s: %s",
+                rid,
+                event.code,
+                event.message,
+                extra={"request_id": rid, "generator": event.generator, "code": event.code},
+            )
         stamped = self.publisher.stamp(event)
         body = stamped.model_dump_json().encode()  # once: journaled and published as the same bytes
         if self.journal is not None:

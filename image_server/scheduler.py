@@ -33,6 +33,7 @@ class Scheduler:
         self._in_flight = 0
         self._waiting: list[_Ticket] = []
         self._counter = itertools.count()
+        self.held = False
 
     @property
     def in_flight(self) -> int:
@@ -45,12 +46,26 @@ class Scheduler:
     def running(self, key: str) -> int:
         return self._running.get(key, 0)
 
+    def queued_by_key(self) -> dict[str, int]:
+        """How many waiters each key has (one pass, for metrics)."""
+        counts: dict[str, int] = {}
+        for ticket in self._waiting:
+            counts[ticket.key] = counts.get(ticket.key, 0) + 1
+        return counts
+
     def position(self, owner: str) -> int | None:
         """1-based place in the queue of ``owner``'s waiter, ``None`` if it is not waiting."""
         for index, ticket in enumerate(self._waiting, start=1):
             if ticket.owner == owner:
                 return index
         return None
+
+    def hold(self) -> None:
+        """Start nothing more (shutdown): every waiter, now or later, gets CancelledError,
+        so queued work ends unstarted while running work goes on."""
+        self.held = True
+        for ticket in self._waiting:
+            ticket.future.cancel()
 
     @asynccontextmanager
     async def slot(self, key: str, limit: int, priority: int = 0, *, owner: str = "") -> AsyncIterator[None]:
@@ -61,6 +76,8 @@ class Scheduler:
             self._release(key)
 
     async def _acquire(self, key: str, limit: int, priority: int, owner: str) -> None:
+        if self.held:
+            raise asyncio.CancelledError("the scheduler starts nothing more (shutting down)")
         ticket = _Ticket(
             (-priority, next(self._counter)), key, owner, limit, asyncio.get_running_loop().create_future()
         )
@@ -92,6 +109,8 @@ class Scheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if self.held:
+            return
         for ticket in list(self._waiting):
             if ticket.future.cancelled():
                 # Its task was cancelled but has not run yet to leave the queue: granting it

@@ -18,17 +18,27 @@ import httpx
 import zmq
 import zmq.asyncio
 
+from image_server.compat import PlainJsonPublisher, make_publisher
 from image_server.config import ServiceConfig
+from image_server.health import ServiceProbe
+from image_server.httpcount import counting_http_responses
 from image_server.journal import Journal
 from image_server.lifecycle import Active, RequestTracker
 from image_server.logs import RateLimitedLog
+from image_server.looplag import LoopLagMonitor
 from image_server.manager import GeneratorManager
+from image_server.metrics import ServiceMetrics
 from image_server.offload import DECODE_IN_THREAD_BYTES, as_bytes_in_chunks, prestart_worker_threads
 from image_server.pipeline import RenderPipeline
 from image_server.publisher import EventPublisher
 from image_server.security import curve_setup
+from image_server.shutdown import ShutdownSummary, drain
 from image_server.sockets import bound_endpoint, open_socket
+from image_server.statelock import StateLock
 from image_server.storage import OutputStore
+from image_server.version import VERSION
+from image_server.web import HttpServer
+from image_server.web.health import health_server
 from schemas import (
     CancelRequest,
     GeneratorStatus,
@@ -76,6 +86,10 @@ class ImageService:
         # A hostile peer must not be able to flood the log with one line per bad message.
         self._refusals = RateLimitedLog(logger, per_interval=20, interval_s=10.0)
         self._stopping = asyncio.Event()
+        self._stop_now = asyncio.Event()  # a second signal: leave the rest for the next start
+        self.metrics = ServiceMetrics(enabled=config.http.enabled)
+        self.loop_lag = LoopLagMonitor()
+        self.http: HttpServer | None = None
         self._started_at = time.monotonic()
         self._publisher: EventPublisher | None = None
         self._requests: zmq.asyncio.Socket | None = None
@@ -85,8 +99,21 @@ class ImageService:
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open sockets and the manager, start the loops. Returns once serving."""
+        """Open sockets and the manager, start the loops. Returns once serving; on failure
+        whatever was opened is closed again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
         stack = self._stack
+        if self.config.journal.enabled:
+            # Before anything is bound: a second service on this journal must change nothing.
+            lock = StateLock(self.config.state_dir)
+            lock.acquire()
+            stack.callback(lock.release)
         if self._own_context:
             stack.callback(self.context.destroy, 0)
         curve, server_key = curve_setup(self.config.security, self.context, stack)
@@ -108,7 +135,7 @@ class ImageService:
         for role, socket in (("requests", self._requests), ("events", events)):
             if getattr(self.config.sockets, role).bind:
                 self.endpoints[role] = bound_endpoint(socket)
-        self._publisher = EventPublisher(events, service_id=self.config.service_id)
+        self._publisher = make_publisher(events, self.config, observer=self.metrics.observe)
         await stack.enter_async_context(self.manager)
         http_client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
         self._pipeline = RenderPipeline(
@@ -125,10 +152,16 @@ class ImageService:
         self._requests_tracker = RequestTracker(
             self._pipeline, self._publisher, self.journal, self.config.limits, self.counters
         )
+        if isinstance(self._publisher, PlainJsonPublisher) and self.journal is not None:
+            for entry in await self.journal.unfinished():  # their echoed fields, after a restart
+                self._publisher.remember(entry.request_json)
         await self.requests.resume()
         await prestart_worker_threads()
         self._started_at = time.monotonic()
         self._tasks = [asyncio.create_task(self._receive_loop(), name="receive")]
+        self._tasks.append(asyncio.create_task(self.loop_lag.run(), name="loop-lag"))
+        if self.config.http.enabled:
+            await self._start_http(stack)
         if self.journal is not None:
             self._tasks.append(asyncio.create_task(self._prune_loop(self.journal), name="prune"))
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
@@ -138,34 +171,51 @@ class ImageService:
             self._install_signal_handlers()
         logger.info("serving: %s", ", ".join(f"{k} {v}" for k, v in self.endpoints.items()) or "connected sockets")
 
+    async def _start_http(self, stack: contextlib.AsyncExitStack) -> None:
+        stack.enter_context(counting_http_responses(self.metrics.http_responses))
+        probe = ServiceProbe(
+            serving=lambda: bool(self._tasks) and not self._stopping.is_set(),
+            pipeline=self.pipeline,
+            journal=self.journal,
+            output_dir=self.config.output_dir,
+            counters=self.counters,
+            lag=self.loop_lag,
+            max_loop_lag_s=self.config.http.max_loop_lag_s,
+            metrics=self.metrics,
+        )
+        self.http = await stack.enter_async_context(health_server(self.config.http, probe))
+        self.endpoints["http"] = self.http.url
+
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down cleanly."""
         await self.start()
+        await self.serve_until_stopped()
+
+    async def serve_until_stopped(self) -> None:
+        """After ``start()``: wait for ``stop()`` (or a signal), then shut down cleanly."""
         try:
             await self._stopping.wait()
         finally:
             await self.shutdown()
 
     def stop(self) -> None:
-        """Ask the service to stop (safe from a signal handler or a test)."""
+        """Ask the service to stop (safe from a signal handler or a test); asked a second
+        time, stop at once without waiting for the renders in flight."""
+        if self._stopping.is_set():
+            self._stop_now.set()
         self._stopping.set()
 
     async def shutdown(self) -> None:
-        """Stop intake, drain in-flight work up to the deadline, cancel the rest, close."""
+        """Stop intake, start nothing more from the queue, let running renders finish up to
+        the deadline (or a second signal), leave the rest in the journal, close."""
         self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        running = self.requests.tasks() if self._requests_tracker is not None else []
-        if running:
-            logger.info("draining %d request(s) for up to %.1fs", len(running), self.config.shutdown_timeout_s)
-            _, pending = await asyncio.wait(running, timeout=self.config.shutdown_timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                logger.warning("%d request(s) unfinished at shutdown", len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+        if self._requests_tracker is not None:
+            await drain(self.requests, self.config.shutdown_timeout_s, self._stop_now)
+            logger.info("%s", ShutdownSummary.of(self.requests, self.metrics))
         await self._stack.aclose()
         logger.info("stopped")
 
@@ -242,6 +292,7 @@ class ImageService:
             uptime_s=self.uptime_s,
             in_flight=scheduler.in_flight,
             queued=self.queued,
+            version=VERSION,
         )
         await self.publisher.publish(beat)
 
@@ -280,6 +331,8 @@ class ImageService:
             return
         message = decoded.message
         if isinstance(message, RenderRequest):
+            if isinstance(self._publisher, PlainJsonPublisher):
+                self._publisher.remember(decoded.payload)
             frames = [blob if isinstance(blob, bytes | bytearray) else bytes(blob) for blob in decoded.blobs]
             await self.requests.on_render(message, raw=decoded.payload, frames=frames)
         elif isinstance(message, CancelRequest):
@@ -331,6 +384,7 @@ class ImageService:
             in_flight=scheduler.in_flight,
             uptime_s=self.uptime_s,
             counters=dict(self.counters),
+            version=VERSION,
         )
 
     def _cooling_down_until(self, name: str) -> float | None:

@@ -15,7 +15,7 @@ from image_server.security import KeyPair, make_client, make_server, prepare_ipc
 
 logger = logging.getLogger(__name__)
 
-_KINDS = {"sub": zmq.SUB, "pull": zmq.PULL, "pub": zmq.PUB, "xpub": zmq.XPUB}
+_KINDS = {"sub": zmq.SUB, "pull": zmq.PULL, "pub": zmq.PUB, "xpub": zmq.XPUB, "push": zmq.PUSH}
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
@@ -47,7 +47,7 @@ def open_socket(
     """
     socket = context.socket(_KINDS[config.kind])
     socket.setsockopt(zmq.LINGER, 0)
-    if config.kind in ("pub", "xpub"):
+    if config.kind in ("pub", "xpub", "push"):
         socket.setsockopt(zmq.SNDHWM, config.high_water_mark)
     else:
         socket.setsockopt(zmq.RCVHWM, config.high_water_mark)

@@ -20,6 +20,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from image_server.errors import StorageFailed
 from image_server.formats import image_format_of
 from image_server.generators.base import GeneratedImage
 from image_server.pngtext import insert_text
@@ -94,9 +95,18 @@ class OutputStore:
                 # The wire allows ids such as "." or ".x": never a hidden file, nor a failure after rendering.
                 stem = "_" + request.request_id if request.request_id.startswith(".") else request.request_id
                 name = f"{_safe_component(stem, 'request id')}_{index}.{EXTENSIONS[fmt]}"
-                path = write_atomic(folder / name, encoded.data)
+                path = self._write(folder / name, encoded.data)
                 stored.append(StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common)))
         return stored
+
+    def _write(self, path: Path, data: bytes) -> Path:
+        try:
+            return write_atomic(path, data)
+        except OSError as exc:
+            # A full disk or a read-only mount is the operator's to fix, not a bug: one clear,
+            # retryable error per request instead of a traceback.
+            reason = exc.strerror or type(exc).__name__
+            raise StorageFailed(f"output dir {self.output_dir} not writable: {reason}") from exc
 
     def _encode(self, image: GeneratedImage, fmt: OutputFormat, texts: Mapping[str, str]) -> _Encoded:
         # The magic bytes beat the provider's label: a mislabelled JPEG must be re-encoded, not

@@ -35,6 +35,7 @@ ErrorCode = Literal[
     "cancelled",
     "superseded",
     "overloaded",
+    "storage",
     "internal",
 ]
 
@@ -241,6 +242,7 @@ class Heartbeat(_Outbound):
     uptime_s: float = 0.0
     in_flight: int = 0
     queued: int = 0
+    version: str = ""  # the service's package version
 
 
 class GeneratorStatus(BaseModel):
@@ -265,6 +267,7 @@ class ServiceStatus(_Outbound):
     in_flight: int = 0
     uptime_s: float = 0.0
     counters: dict[str, int] = Field(default_factory=dict)
+    version: str = ""  # the service's package version
 
 
 InboundMessage = Annotated[RenderRequest | CancelRequest | StatusRequest, Field(discriminator="type")]

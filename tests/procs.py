@@ -16,7 +16,7 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,7 @@ import zmq.asyncio
 
 from schemas import Heartbeat, decode_frames
 
-SERVING = re.compile(r"serving: requests (tcp://\S+), events (tcp://\S+)$")
-ENDPOINT = re.compile(r"(\w+) (tcp://[^,\s]+)")
+ENDPOINT = re.compile(r"(\w+) ((?:tcp|http)://[^,\s\"]+)")
 
 
 class ProcessExited(RuntimeError):
@@ -36,10 +35,20 @@ class ProcessExited(RuntimeError):
 class Proc:
     """One ``image_server`` subprocess; its output (stdout and stderr) lands in ``lines``."""
 
-    def __init__(self, name: str, argv: list[str], *, cwd: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.cwd = cwd
+        self.extra_env = env or {}
+        self.preexec_fn = preexec_fn  # e.g. resource limits for the child
         self.lines: list[str] = []
         self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -50,7 +59,7 @@ class Proc:
         # A clean environment: no IMAGE_SERVER_* from the developer's shell, a wide
         # terminal so rich tables are not truncated, unbuffered output.
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGE_SERVER_")}
-        env.update(COLUMNS="250", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        env.update(COLUMNS="250", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", **self.extra_env)
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -61,6 +70,7 @@ class Proc:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         self._reader = asyncio.create_task(self._read(self.process.stdout), name=f"read:{self.name}")
         return self
@@ -128,18 +138,19 @@ class Proc:
 class ServiceProc(Proc):
     """``image-server --config CONFIG serve``; ``endpoints`` from its 'serving:' log line."""
 
-    def __init__(self, name: str, config: Path, *, cwd: Path, binds: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, config: Path, *, cwd: Path, binds: dict[str, str] | None = None, **kwargs: Any
+    ) -> None:
         argv = ["--config", str(config), "serve"]
         for role, endpoint in (binds or {}).items():
             argv += [f"--{role}-bind", endpoint]
-        super().__init__(name, argv, cwd=cwd)
+        super().__init__(name, argv, cwd=cwd, **kwargs)
         self.endpoints: dict[str, str] = {}
 
     async def serving(self, timeout: float = 20.0) -> ServiceProc:
         """Wait until the service serves; for bound sockets, note the real endpoints."""
         match = await self.wait_for(r"serving: ", timeout=timeout)
-        if bound := SERVING.search(match.string):
-            self.endpoints = {"requests": bound.group(1), "events": bound.group(2)}
+        self.endpoints = dict(ENDPOINT.findall(match.string.split("serving: ", 1)[1]))
         return self
 
 
@@ -150,11 +161,14 @@ class Procs:
         self.cwd = cwd
         self.started: list[Proc] = []
 
-    async def service(self, name: str, config: Path, *, binds: dict[str, str] | None = None) -> ServiceProc:
-        proc = ServiceProc(name, config, cwd=self.cwd, binds=binds)
+    async def service(
+        self, name: str, config: Path, *, binds: dict[str, str] | None = None, wait: bool = True, **kwargs: Any
+    ) -> ServiceProc:
+        """Start ``serve``; with ``wait`` (the default) return once it serves."""
+        proc = ServiceProc(name, config, cwd=self.cwd, binds=binds, **kwargs)
         self.started.append(proc)
         await proc.start()
-        return await proc.serving()
+        return await proc.serving() if wait else proc
 
     async def broker(self, *args: str) -> tuple[Proc, dict[str, str]]:
         """``image-server broker`` on ephemeral loopback ports; returns its bound endpoints."""
@@ -167,9 +181,9 @@ class Procs:
         line = await proc.wait_for(r"broker: clients_requests ")
         return proc, dict(ENDPOINT.findall(line.string.split("broker: ", 1)[1]))
 
-    async def run(self, *argv: str, timeout: float = 30.0) -> tuple[int, str]:
+    async def run(self, *argv: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> tuple[int, str]:
         """Run a one-shot command to the end: (exit status, output)."""
-        proc = Proc(argv[0], list(argv), cwd=self.cwd)
+        proc = Proc(argv[0], list(argv), cwd=self.cwd, env=env)
         self.started.append(proc)
         await proc.start()
         code = await proc.wait(timeout)
@@ -202,16 +216,17 @@ def _toml(value: Any) -> str:
 
 
 def write_config(path: Path, *, sockets: dict[str, dict[str, Any]], mock: dict[str, Any], **top: Any) -> Path:
-    """A config.toml for a subprocess: top-level keys, [sockets.*], a mock generator, limits."""
-    limits = top.pop("limits", {})
+    """A config.toml for a subprocess: top-level keys, [sockets.*], a mock generator, and
+    any other table given as a dict (``limits={...}``, ``http={...}``)."""
+    tables = {key: top.pop(key) for key in list(top) if isinstance(top[key], dict)}
     lines = [f"{key} = {_toml(value)}" for key, value in top.items()]
     lines.append('default_generator = "mock"')
     for role, table in sockets.items():
         lines.append(f"[sockets.{role}]")
         lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
-    if limits:
-        lines.append("[limits]")
-        lines += [f"{key} = {_toml(value)}" for key, value in limits.items()]
+    for name, table in tables.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
     lines.append("[generators.mock]")
     lines += [f"{key} = {_toml(value)}" for key, value in {"strategy": "mock", **mock}.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -110,13 +110,13 @@ async def test_sigterm_leaves_unfinished_work_for_the_next_start(
         exited_after = time.perf_counter() - signalled
         # It stopped at the drain deadline instead of waiting the renders out...
         assert exited_after < delay_s - 0.5, exited_after
-        assert service.matching(r"5 request\(s\) unfinished at shutdown")
+        assert service.matching(r"shutdown summary: 0 completed, 0 failed, 5 left in the journal for the next start")
         # ...and invented no terminal event: none published, none journaled.
         assert not watcher.terminal and not renders.done()
         rows = journal_rows(tmp_path / "state")
         assert set(rows) == set(ids)
         assert all(row["finished_at"] is None and row["terminal"] is None for row in rows.values())
-        assert await jobs_statuses(procs, config) == dict.fromkeys(ids, "running")
+        assert await jobs_statuses(procs, config) == dict.fromkeys(ids, "interrupted")
 
         # The next start resumes all of them; the waiting client gets every result.
         restarted = await procs.service("second", config, binds=binds)
@@ -147,7 +147,7 @@ async def test_sigterm_delivers_work_that_finishes_within_the_deadline(
         )
         await watcher.all_accepted(ids)
         service.send_signal(signal.SIGTERM)
-        await service.wait_for(r"draining 5 request\(s\)", timeout=10)
+        await service.wait_for(r"draining 5 running request\(s\)", timeout=10)
         # Intake has stopped: a request sent now is not taken on by this process.
         late = asyncio.create_task(client.render(request_id="drain-late", prompt="late", width=64, timeout=30))
         async with asyncio.timeout(10):
@@ -158,7 +158,7 @@ async def test_sigterm_delivers_work_that_finishes_within_the_deadline(
             await late
     assert [r.event.request_id for r in results] == ids
     assert "drain-late" not in watcher.accepted
-    assert not service.matching("unfinished at shutdown")
+    assert service.matching(r"shutdown summary: 5 completed, 0 failed, 0 left in the journal")
     rows = journal_rows(tmp_path / "state")
     assert set(rows) == set(ids)
     assert all(row["outcome"] == "ImageReady" for row in rows.values())
