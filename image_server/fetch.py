@@ -62,7 +62,7 @@ def read_file_reference(uri: str, config: ReferencesConfig) -> bytes:
     if not relative:
         raise ReferenceImageError(f"file {shown!r} is a directory")
     try:
-        return _read_below(root, relative, config.max_bytes, shown)
+        return read_below(root, relative, config.max_bytes, shown)
     except FileNotFoundError as exc:
         raise ReferenceImageError(f"file {shown!r} does not exist") from exc
     except PermissionError as exc:
@@ -89,7 +89,7 @@ def _locate(path: PurePosixPath, roots: Sequence[Path]) -> tuple[Path, tuple[str
     return None
 
 
-def _read_below(root: Path, relative: Sequence[str], max_bytes: int, shown: str) -> bytes:
+def read_below(root: Path, relative: Sequence[str], max_bytes: int, shown: str) -> bytes:
     # Walk one component at a time with dir_fd and O_NOFOLLOW, so a directory swapped for a
     # symlink between the check and the open cannot lead outside the root.
     dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
