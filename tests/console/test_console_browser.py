@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from tests.console.conftest import artifact
+from tests.fakes.images import solid_bytes
 
 DEADLINE_MS = 10_000
 
@@ -84,3 +86,27 @@ async def test_html_in_a_prompt_shows_as_text(console_factory, browser):
         card = page.locator(f'#cards article[data-id="{request_id}"]')
         assert hostile in await card.locator(".prompt").inner_text()
         assert dialogs == []
+
+
+async def test_archive_loads_older_pages_as_it_scrolls(console_factory, browser, tmp_path):
+    tile = solid_bytes((30, 60, 200), size=(64, 64))
+    folder = tmp_path / "output" / "p" / "mock" / "20260101"
+    folder.mkdir(parents=True)
+    for n in range(150):
+        path = folder / f"old{n:03d}_0.png"
+        path.write_bytes(tile)
+        os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+    async with console_factory() as running:
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.goto(running.url + "/console")
+        tiles = page.locator("#archive a.tile")
+        assert await tiles.count() >= 48
+        for _ in range(10):
+            await page.mouse.wheel(0, 20_000)
+            if await tiles.count() == 150:
+                break
+            await page.wait_for_timeout(100)
+        await page.wait_for_function("document.querySelectorAll('#archive a.tile').length === 150", timeout=DEADLINE_MS)
+        titles = await tiles.evaluate_all("(all) => all.map((a) => a.title)")
+        assert titles == [f"p/mock/20260101/old{n:03d}_0.png" for n in reversed(range(150))]
+        await page.screenshot(path=artifact("4-archive.png"))
