@@ -105,6 +105,18 @@ class HttpConfig(_Section):
     max_loop_lag_s: float = Field(default=1.0, gt=0)
 
 
+class ConsoleConfig(_Section):
+    """The live console at ``/console`` on the HTTP listener (off unless enabled; README.md, "Live console")."""
+
+    enabled: bool = False
+    # The token a browser must present; required when [http] binds beyond loopback.
+    token_env: str = Field(default="IMAGE_SERVER_CONSOLE_TOKEN", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    recent: int = Field(default=60, ge=1, le=1000)  # finished renders kept as live cards
+    status_interval_s: float = Field(default=2.0, gt=0, le=3600)  # generator health refresh
+    # With CURVE on: the console's own key pair; its public key goes in security.authorized_keys.
+    client_secret_key: Path | None = None
+
+
 class LogConfig(_Section):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -150,9 +162,18 @@ class ServiceConfig(_Section):
     journal: JournalConfig = JournalConfig()
     security: SecurityConfig = SecurityConfig()
     http: HttpConfig = HttpConfig()
+    console: ConsoleConfig = ConsoleConfig()
     log: LogConfig = LogConfig()
     compat: CompatConfig = CompatConfig()
     generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _console_needs_http(self) -> ServiceConfig:
+        if self.console.enabled and not self.http.enabled:
+            raise ValueError("console.enabled needs the HTTP listener: set http.enabled = true")
+        if self.console.enabled and self.security.curve and self.console.client_secret_key is None:
+            raise ValueError("with security.curve on, the console needs console.client_secret_key (a client key pair)")
+        return self
 
     @model_validator(mode="after")
     def _default_exists(self) -> ServiceConfig:

@@ -13,6 +13,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import httpx
 import zmq
@@ -52,6 +53,9 @@ from schemas import (
     sniff_field,
 )
 
+if TYPE_CHECKING:
+    from image_server.console import Console
+
 logger = logging.getLogger(__name__)
 
 
@@ -90,6 +94,7 @@ class ImageService:
         self.metrics = ServiceMetrics(enabled=config.http.enabled)
         self.loop_lag = LoopLagMonitor()
         self.http: HttpServer | None = None
+        self.console: Console | None = None
         self._started_at = time.monotonic()
         self._publisher: EventPublisher | None = None
         self._requests: zmq.asyncio.Socket | None = None
@@ -183,8 +188,19 @@ class ImageService:
             max_loop_lag_s=self.config.http.max_loop_lag_s,
             metrics=self.metrics,
         )
-        self.http = await stack.enter_async_context(health_server(self.config.http, probe))
+        console, mount = None, None
+        if self.config.console.enabled:
+            from image_server.console.mount import build_console  # only when configured: pages, thumbnails
+
+            console, mount = build_console(self.config, self.endpoints, self.context)
+        self.http = await stack.enter_async_context(health_server(self.config.http, probe, extra_routes=mount))
         self.endpoints["http"] = self.http.url
+        if console is not None:
+            await console.start()
+            # Closed before the HTTP server (the stack unwinds backwards): the console ends its
+            # pages' event streams, which the server would otherwise wait for.
+            stack.push_async_callback(console.aclose)
+            self.console = console
 
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down cleanly."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -15,10 +15,15 @@ from image_server.web.server import HttpServer
 
 
 @asynccontextmanager
-async def health_server(config: HttpConfig, probe: ServiceProbe) -> AsyncIterator[HttpServer]:
-    """The service's HTTP server with the health routes, listening until the block ends."""
+async def health_server(
+    config: HttpConfig, probe: ServiceProbe, *, extra_routes: Callable[[web.Application], None] | None = None
+) -> AsyncIterator[HttpServer]:
+    """The service's HTTP server with the health routes (and ``extra_routes``, e.g. the
+    console's), listening until the block ends."""
     server = HttpServer(config.host, config.port)
     add_health_routes(server.app, probe)
+    if extra_routes is not None:
+        extra_routes(server.app)
     await server.start()
     try:
         yield server

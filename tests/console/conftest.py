@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq.asyncio
-from aiohttp import web
 
-from image_server.console import Console, add_console_routes
+from image_server.console import Console
 from image_server.service import ImageService
 
 GENERATORS = {
@@ -53,35 +51,23 @@ def chromium() -> str:
 
 @pytest.fixture
 async def console_factory(
-    service_factory: Callable[..., Any], context: zmq.asyncio.Context, tmp_path: Path
+    service_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[..., Any]]:
-    """``async with console_factory(token=None, **config) as running:`` service + console + HTTP."""
+    """``async with console_factory(token=None, **config) as running:`` a service with its HTTP
+    listener on an ephemeral loopback port and the console on it, as a user configures it."""
 
     @asynccontextmanager
     async def make(*, token: str | None = None, **overrides: Any) -> AsyncIterator[RunningConsole]:
         overrides.setdefault("generators", GENERATORS)
+        overrides.setdefault("http", {"enabled": True, "port": 0})
+        overrides.setdefault("console", {"enabled": True, "status_interval_s": 0.5, "token_env": "TEST_CONSOLE_TOKEN"})
+        if token is None:
+            monkeypatch.delenv("TEST_CONSOLE_TOKEN", raising=False)
+        else:
+            monkeypatch.setenv("TEST_CONSOLE_TOKEN", token)
         async with service_factory(**overrides) as service:
-            console = Console(
-                service.endpoints["requests"],
-                service.endpoints["events"],
-                output_dir=service.config.output_dir,
-                cache_dir=service.config.state_dir / "console-thumbs",
-                context=context,
-                status_interval_s=0.5,
-            )
-            app = web.Application()
-            add_console_routes(app, console, token=token, generator_names=sorted(overrides["generators"]))
-            runner = web.AppRunner(app, handle_signals=False, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = runner.addresses[0][1]
-            await console.start()
-            try:
-                yield RunningConsole(service, console, f"http://127.0.0.1:{port}")
-            finally:
-                await console.aclose()  # ends the pages' event streams, which the runner waits for
-                await runner.cleanup()
+            assert service.console is not None
+            yield RunningConsole(service, service.console, service.endpoints["http"])
 
     yield make
 

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
+from image_server.config import build_config
+from image_server.errors import ConfigError
 from tests.fakes.images import solid_bytes
 
 DEADLINE = 10.0
@@ -189,3 +191,24 @@ async def test_cancel_is_scoped_to_the_consoles_own_requests(console_factory, cl
             await other.cancel("someone-elses")  # its own client may
             with pytest.raises(Exception, match="cancelled"):
                 await asyncio.wait_for(task, DEADLINE)
+
+
+async def test_beyond_loopback_the_console_needs_a_token(console_factory):
+    beyond = {"enabled": True, "host": "0.0.0.0", "port": 0}
+    with pytest.raises(ConfigError, match="TEST_CONSOLE_TOKEN"):
+        async with console_factory(http=beyond):
+            pass
+    async with console_factory(http=beyond, token="wide-open-no-more") as running:
+        port = running.url.rsplit(":", 1)[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            assert (await http.get("/console")).status_code == 401
+            assert (await http.get("/console/image/p/x_0.png")).status_code == 401
+            assert (await http.post("/console/render", headers={"X-Console": "1"})).status_code == 401
+            authorised = await http.get("/console", headers={"Authorization": "Bearer wide-open-no-more"})
+            assert authorised.status_code == 200
+            assert (await http.get("/healthz")).status_code == 200  # health stays open for supervisors
+
+
+def test_the_console_needs_the_http_listener():
+    with pytest.raises(ConfigError, match="http.enabled"):
+        build_config({"console": {"enabled": True}})
