@@ -63,6 +63,14 @@ async def test_form_render_appears_live_then_cancel_and_failure_cards(console_fa
         assert await failed.locator(".message").inner_text()
         await page.screenshot(path=artifact("3-failure.png"), full_page=True)
 
+        # Everything at once, for the README: a render in flight above the finished cards.
+        overview_id = await _send_form(page, "a lighthouse at dusk, long exposure", "slow")
+        row = page.locator(f'#running li[data-id="{overview_id}"]')
+        await row.locator("button.cancel").wait_for(timeout=DEADLINE_MS)
+        await page.screenshot(path=artifact("console.png"))
+        await row.locator("button.cancel").click()
+        await row.wait_for(state="detached", timeout=DEADLINE_MS)
+
         # No reload happened: the first card is still the same element, and nothing alerted.
         assert await card.count() == 1
         assert dialogs == []
