@@ -28,6 +28,8 @@ _BUILTINS: dict[str, str] = {
     "leonardo": "image_server.generators.leonardo:LeonardoGenerator",
     "runware": "image_server.generators.runware:RunwareGenerator",
     "invokeai": "image_server.generators.invokeai:InvokeAIGenerator",
+    "comfyui": "image_server.generators.comfyui:ComfyUIGenerator",
+    "runpod": "image_server.generators.runpod:RunPodGenerator",
 }
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)

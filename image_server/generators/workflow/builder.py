@@ -132,7 +132,11 @@ def _style(config: WorkflowGeneratorConfig, request: RenderRequest) -> StyleConf
 
 def _place_images(graph: Graph, workflow: CompiledWorkflow, references: Sequence[str], depth: str | None) -> None:
     if len(references) > len(workflow.references):
-        raise Unsupported(f"workflow {workflow.name!r} takes at most {len(workflow.references)} reference images")
+        slots = len(workflow.references)
+        raise Unsupported(
+            f"workflow {workflow.name!r} has an input for {slots} reference image(s), not {len(references)}; "
+            "map reference_images to LoadImage inputs in its config"
+        )
     for index, slot in enumerate(workflow.references):
         for ref in slot:
             if index < len(references):

@@ -1,0 +1,94 @@
+"""Following one prompt to its end: the ``/ws`` event stream, or ``/history`` polling without it.
+
+Only events whose ``prompt_id`` is ours count: a socket also carries queue ``status`` for
+everyone, binary preview frames, and other prompts' events when a client id is shared.
+``executing`` with ``node: null`` ends the prompt; ``execution_error`` and
+``execution_interrupted`` end it too (they are not always followed by the null node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterable
+from typing import Any
+
+import httpx
+
+from image_server.errors import GenerationFailed
+from image_server.generators.base import ProgressCallback
+from image_server.generators.comfyui.wire import (
+    HistoryEntry,
+    as_dict,
+    execution_failed,
+    history_entry,
+    interrupted,
+)
+from image_server.generators.http import error_for_status, translate_transport_errors
+
+logger = logging.getLogger(__name__)
+MAX_POLL_ERRORS = 5  # consecutive failed /history polls (a restarting server) before giving up
+
+
+class WebsocketLost(Exception):
+    """The socket closed before our prompt ended; the caller polls /history instead."""
+
+
+async def follow_events(
+    messages: AsyncIterable[str | bytes], prompt_id: str, *, progress: ProgressCallback, generator: str
+) -> dict[str, Any]:
+    """Outputs seen in ``executed`` events (node -> output) once the prompt ends.
+
+    Raises ``GenerationFailed`` for an execution error or interrupt, ``WebsocketLost`` when the
+    stream ends first.
+    """
+    outputs: dict[str, Any] = {}
+    async for message in messages:
+        if isinstance(message, bytes):
+            continue  # a preview image: 4-byte event type, 4-byte format, then the bytes
+        try:
+            event = as_dict(json.loads(message))
+        except ValueError:
+            logger.debug("%s: ignoring a websocket text frame that is not JSON", generator)
+            continue
+        kind, data = event.get("type"), as_dict(event.get("data"))
+        if data.get("prompt_id") != prompt_id:
+            continue
+        if kind == "progress":
+            value, maximum = data.get("value"), data.get("max")
+            if isinstance(value, int | float) and isinstance(maximum, int | float) and maximum > 0:
+                progress(min(1.0, max(0.0, value / maximum)), f"{value}/{maximum} (node {data.get('node')})")
+        elif kind == "execution_start":
+            progress(None, "running")
+        elif kind == "executed":
+            outputs[str(data.get("node"))] = as_dict(data.get("output"))
+        elif kind == "execution_error":
+            raise execution_failed(data, generator=generator)
+        elif kind == "execution_interrupted":
+            raise interrupted(data, generator=generator)
+        elif kind == "executing" and data.get("node") is None:
+            return outputs
+    raise WebsocketLost
+
+
+async def poll_history(client: httpx.AsyncClient, prompt_id: str, *, interval: float, generator: str) -> HistoryEntry:
+    """``GET /history/{id}`` until the prompt has an entry; riding out a few failed polls."""
+    failures = 0
+    while True:
+        try:
+            with translate_transport_errors(generator):
+                response = await client.get(f"/history/{prompt_id}")
+            if response.status_code != 200:
+                raise error_for_status(response.status_code, "polling /history failed", generator=generator)
+            failures = 0
+        except GenerationFailed as exc:
+            failures += 1
+            if not exc.retryable or failures >= MAX_POLL_ERRORS:
+                raise
+            logger.info("%s: /history poll failed (%s); polling on", generator, exc)
+        else:
+            entry = history_entry(response.content, prompt_id, generator=generator)
+            if entry is not None:
+                return entry
+        await asyncio.sleep(interval)
