@@ -185,6 +185,8 @@ class RenderPipeline:
             generate=_ms(generate_s),
             store=_ms(done - store_start),
             total=_ms(done - timer.received),
+            provider_queue=result.timings.get("provider_queue"),
+            provider_execution=result.timings.get("provider_execution"),
         )
         images = [item.output for item in stored]
         event = ImageReady(

@@ -203,6 +203,9 @@ class Timings(BaseModel):
     generate: float = 0.0
     store: float = 0.0
     total: float = 0.0
+    # Reported by providers that queue jobs themselves (RunPod: delayTime, executionTime); None elsewhere.
+    provider_queue: float | None = None
+    provider_execution: float | None = None
 
 
 class ImageReady(_Outbound):

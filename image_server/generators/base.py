@@ -144,6 +144,8 @@ class GenerationResult:
     prompt: str | None = None
     applied: dict[str, Any] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    # The provider's own figures in ms, for ImageReady.timings: provider_queue, provider_execution.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,9 @@ async def test_an_unknown_node_class_is_invalid_request(fake, workflows):
     graph["9"]["class_type"] = "NoSuchNode"
     (workflows / "broken.json").write_text(json.dumps(graph))
     async with make(fake, workflows, workflows={"b": {"file": "broken.json", "outputs": ["9"]}}) as generator:
-        with pytest.raises(InvalidRequest, match=r"invalid_prompt: Cannot execute because node NoSuchNode does not exist"):
+        with pytest.raises(
+            InvalidRequest, match=r"invalid_prompt: Cannot execute because node NoSuchNode does not exist"
+        ):
             await generator.generate(job())
 
 
@@ -252,7 +254,10 @@ def table(workflows: Path, spec: dict[str, Any], **fields: Any) -> dict[str, Any
 @pytest.mark.parametrize(
     ("inputs", "expected"),
     [
-        ({"prompt": "66.inputs.text"}, r"sd15_text_to_image.json: inputs.prompt = '66.inputs.text' names node 66, which"),
+        (
+            {"prompt": "66.inputs.text"},
+            r"sd15_text_to_image.json: inputs.prompt = '66.inputs.text' names node 66, which",
+        ),
         (
             {"seed": "3.inputs.noise_seed"},
             r"sd15_text_to_image.json: inputs.seed = '3.inputs.noise_seed' names input 'noise_seed' of node 3 \(KSampler\)",

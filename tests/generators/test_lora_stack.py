@@ -47,7 +47,9 @@ def test_default_strengths_follow_the_number_of_characters(characters, each, cin
 
 def test_request_loras_are_characters_after_the_styles_and_explicit_strength_wins():
     requested = [LoraSpec(name="alice.safetensors"), LoraSpec(name="bob.safetensors", strength=0.4)]
-    configured = style(lora={"name": "noir.safetensors", "strength": 0.7}, characters=["carol.safetensors"], cinematic="c.st")
+    configured = style(
+        lora={"name": "noir.safetensors", "strength": 0.7}, characters=["carol.safetensors"], cinematic="c.st"
+    )
     stack = plan_stack(configured, requested)
     assert strengths(stack) == [
         ("noir.safetensors", 0.7, "style"),  # configured strength wins over the style default 1.0
