@@ -26,12 +26,14 @@ from image_server.generators.base import Generator, GeneratorConfig
 from image_server.generators.registry import get_generator_class
 from schemas import ImageReady, ImageSource, RenderError, RenderProgress, decode_frames
 from tests.fakes.cloudflare import FakeCloudflare
+from tests.fakes.comfyui import FakeComfyUI
 from tests.fakes.fal import FakeError, FalScenario, serve_fal
 from tests.fakes.gemini import FakeGemini
 from tests.fakes.invokeai import FakeInvokeAI
 from tests.fakes.kie import EDIT_MODEL, FakeKie
 from tests.fakes.leonardo import FakeLeonardo
 from tests.fakes.openai import fake_openai, moderation_blocked, rate_limited
+from tests.fakes.runpod import FakeRunPod
 from tests.fakes.runware import FakeRunware
 
 DEADLINE = 10.0
@@ -44,6 +46,19 @@ KIE_KEY = "planted-kie-key-e2e-0123456789"
 LEONARDO_KEY = "0d5e9f3a-planted-leonardo-e2e-key"
 RUNWARE_KEY = "planted-runware-key-e2e-0123456789"
 INVOKE_TOKEN = "planted-invokeai-proxy-token-e2e"  # a reverse proxy's token in front of InvokeAI
+RUNPOD_KEY = "rp-planted-runpod-key-e2e-0123456789"
+EXAMPLE_WORKFLOWS = Path(__file__).resolve().parents[2] / "examples" / "workflows"
+SD15_TABLE = {
+    "workflows_dir": str(EXAMPLE_WORKFLOWS),
+    "workflows": {
+        "sd15": {
+            "file": "sd15_text_to_image.json",
+            "inputs": {"prompt": "6.inputs.text", "seed": "3.inputs.seed", "steps": "3.inputs.steps"},
+            "outputs": ["9"],
+        }
+    },
+    "styles": {"noir": {"lora": "noir.safetensors", "cinematic": "cinematic.safetensors"}},
+}
 MUTED_LOGGERS = ("httpx", "httpcore")  # below WARNING, by image_server.cli's logging setup
 
 
@@ -102,6 +117,15 @@ def serve(provider: str, **table: Any) -> Iterator[Served]:
             }
             fields |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.05}
             yield Served("invokeai", base | fields | table, {"INVOKE_TOKEN": INVOKE_TOKEN}, (INVOKE_TOKEN,), fake)
+    elif provider == "comfyui":
+        with FakeComfyUI() as fake:
+            fields = {"strategy": "comfyui", "base_url": fake.url, "poll_interval_s": 0.02} | SD15_TABLE
+            yield Served("comfy", base | fields | table, {}, (), fake)
+    elif provider == "runpod":
+        with FakeRunPod(api_key=RUNPOD_KEY) as fake:
+            fields = {"strategy": "runpod", "endpoint_id": fake.endpoint_id, "base_url": fake.url} | SD15_TABLE
+            fields |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.05}
+            yield Served("runpod", base | fields | table, fake.environ, (RUNPOD_KEY,), fake)
     else:
         with FakeCloudflare(api_token=CF_TOKEN, account_id=CF_ACCOUNT) as fake:
             fields = {"strategy": "cloudflare", "base_url": fake.base_url}
@@ -549,3 +573,59 @@ async def test_provider_errors_through_the_service(through_service, provider, ar
     assert (error.code, error.retryable, error.generator) == (code, retryable, served.name)
     assert error.attempts == 1  # retries = 0: a retryable error is not tried again
     assert error in outcome.tapped  # the catch-all subscriber saw the very event the client got
+
+
+# -- self-hosted and serverless workflow strategies ---------------------------------------------------
+
+
+async def test_comfyui_workflow_with_a_style_lora_stack_and_progress(through_service):
+    with serve("comfyui") as served:
+        served.fake.render_s = 0.5  # progress events >= 100 ms apart pass the service's throttle
+        outcome = await through_service(served, prompt="a red fox", seed=11, style="noir")
+        (prompt,) = [r.json()["prompt"] for r in served.fake.requests if r.path == "/prompt"]
+    event = outcome.ready
+    assert assert_stored_image(event).size == (64, 48)
+    assert event.applied["loras"] == [
+        {"name": "noir.safetensors", "strength": 1.0, "role": "style"},
+        {"name": "cinematic.safetensors", "strength": 1.0, "role": "cinematic"},
+    ]
+    assert prompt["3"]["inputs"]["model"] == ["11", 0] and prompt["3"]["inputs"]["seed"] == 11
+    fractions = [p.progress for p in outcome.progress if p.stage == "generating" and p.progress is not None]
+    assert fractions and fractions == sorted(fractions) and all(0 < f <= 1 for f in fractions)
+
+
+async def test_comfyui_execution_error_and_timeout_through_the_service(through_service):
+    with serve("comfyui") as served:
+        served.fake.fail_node_class = "VAEDecode"
+        outcome = await through_service(served, prompt="x")
+        assert outcome.error is not None and outcome.error.code == "generation_failed"
+        assert "CUDA out of memory" in outcome.error.message and "SECRET_TRACEBACK" not in outcome.error.message
+        served.fake.fail_node_class, served.fake.render_s = None, 30.0
+        outcome = await through_service(served, request_id="e2e-2", prompt="x", timeout_s=0.5)
+        assert outcome.error is not None and outcome.error.code == "timeout"
+        async with asyncio.timeout(DEADLINE):
+            while not served.fake.interrupts:
+                await asyncio.sleep(0.01)
+        timed_out = [r.json()["prompt_id"] for r in served.fake.requests if r.path == "/prompt"][-1]
+        assert served.fake.interrupts == [{"prompt_id": timed_out}]  # that prompt only, never a global interrupt
+
+
+async def test_runpod_job_timings_reach_image_ready(through_service):
+    with serve("runpod") as served:
+        outcome = await through_service(
+            served, prompt="a red fox", loras=[{"name": "fox.safetensors", "strength": 0.5}]
+        )
+        (job,) = served.fake.jobs.values()
+    event = outcome.ready
+    assert_stored_image(event)
+    assert (event.timings.provider_queue, event.timings.provider_execution) == (1234.0, 5678.0)
+    assert event.applied["loras"] == [{"name": "fox.safetensors", "strength": 0.5, "role": "character"}]
+    assert job.input["workflow"]["10"]["inputs"]["lora_name"] == "fox.safetensors"
+
+
+async def test_runpod_failure_through_the_service(through_service):
+    with serve("runpod") as served:
+        served.fake.outcome = "FAILED"
+        outcome = await through_service(served, prompt="x")
+    assert outcome.error is not None and outcome.error.code == "generation_failed"
+    assert "CUDA error: out of memory" in outcome.error.message and "SECRET_TRACE" not in outcome.error.message
