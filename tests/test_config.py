@@ -86,6 +86,12 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 # -- the commented-out generator examples in config.toml ------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    """The workflow examples name examples/workflows, relative to where the service starts."""
+    monkeypatch.chdir(REPO)
+
+
 EXAMPLE_BEGIN, EXAMPLE_END = "# >>> example", "# <<< example"
 EXAMPLE_NAMES = {
     "falai",
@@ -105,6 +111,8 @@ EXAMPLE_NAMES = {
     "runware",
     "invokeai_sdxl",
     "invokeai_flux",
+    "comfy",
+    "runpod",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -138,9 +146,8 @@ def example_count() -> int:
 
 
 def test_examples_stay_comments_in_the_shipped_config():
-    assert (
-        example_count() == 8
-    )  # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai
+    # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai, comfyui, runpod
+    assert example_count() == 10
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -169,6 +176,8 @@ def test_all_examples_uncommented_validate(optional):
         "leonardo",
         "runware",
         "invokeai",
+        "comfyui",
+        "runpod",
     }
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
     assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-2"}
