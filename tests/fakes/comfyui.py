@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import queue
 import re
-import select
 import threading
 import uuid
 from collections.abc import Iterator
@@ -344,26 +343,22 @@ class FakeComfyUI:
         }
         outbox.put((json.dumps(first).encode(), False))
         sent = 0
+        replies: queue.Queue[bytes] = queue.Queue()
+        reader = threading.Thread(target=_read_client, args=(sock, outbox, replies), daemon=True)
+        reader.start()
         try:
             while True:
-                readable, _, _ = select.select([sock], [], [], 0)
-                if readable:
-                    opcode, payload = ws.read_frame(sock)
-                    if opcode == ws.CLOSE:
-                        sock.sendall(ws.frame(ws.CLOSE, payload[:2]))
-                        return
-                    if opcode == ws.PING:
-                        sock.sendall(ws.frame(ws.PONG, payload))
-                try:
-                    item = outbox.get(timeout=0.02)
-                except queue.Empty:
-                    continue
+                item = outbox.get()
+                while not replies.empty():
+                    sock.sendall(replies.get())
                 if item is None:
                     sock.sendall(ws.frame(ws.CLOSE, b"\x03\xe9"))  # 1001 going away
                     return
+                payload, binary = item
+                if payload == b"" and not binary:
+                    return  # the client closed; its close frame was answered
                 if self.drop_websocket_after is not None and sent >= self.drop_websocket_after:
                     return  # an abrupt drop: no close frame
-                payload, binary = item
                 sock.sendall(ws.frame(ws.BINARY if binary else ws.TEXT, payload))
                 sent += 1
         except (ConnectionError, OSError):
@@ -373,6 +368,22 @@ class FakeComfyUI:
                 if self.sockets.get(client_id) is outbox:
                     del self.sockets[client_id]
             handler.close_connection = True
+
+
+def _read_client(sock: Any, outbox: queue.Queue[Any], replies: queue.Queue[bytes]) -> None:
+    """Client frames, in a thread of their own so the sender never polls: pongs and the close reply."""
+    try:
+        while True:
+            opcode, payload = ws.read_frame(sock)
+            if opcode == ws.PING:
+                replies.put(ws.frame(ws.PONG, payload))
+                outbox.put((b"", True))  # wake the sender; an empty binary frame is harmless
+            elif opcode == ws.CLOSE:
+                replies.put(ws.frame(ws.CLOSE, payload[:2]))
+                outbox.put((b"", False))
+                return
+    except (ConnectionError, OSError):
+        outbox.put(None)
 
 
 def images_in(fake: FakeComfyUI, kind: str = "input") -> Iterator[tuple[str, str, bytes]]:

@@ -31,6 +31,7 @@ class Prompt:
     client_id: str
     outputs: list[str]
     interrupted: threading.Event = field(default_factory=threading.Event)
+    received: float = field(default_factory=time.perf_counter)
 
     def item(self) -> list[Any]:
         return [self.number, self.prompt_id, self.graph, {"client_id": self.client_id}, self.outputs]
@@ -48,6 +49,7 @@ class Engine:
         self.pending: list[Prompt] = []
         self.running: Prompt | None = None
         self.history: dict[str, Any] = {}
+        self.render_times: dict[str, float] = {}
         self.lock = threading.Condition()
         self.stopped = False
         self.counter = 0
@@ -129,6 +131,7 @@ class Engine:
             status = {"status_str": "success", "completed": True, "messages": messages}
         with self.lock:
             self.history[pid] = {"prompt": prompt.item(), "outputs": outputs, "status": status, "meta": {}}
+            self.render_times[pid] = time.perf_counter() - prompt.received  # queue + run, for benchmarks
             left = len(self.pending)
         event("status", {"status": {"exec_info": {"queue_remaining": left}}})
         event("executing", {"node": None, "prompt_id": pid})

@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import threading
+import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class FakeJob:
     input: dict[str, Any]
     polls: int = 0
     cancelled: bool = False
+    created: float = field(default_factory=time.perf_counter)
     history: list[str] = field(default_factory=list)
 
 
@@ -54,6 +56,7 @@ class FakeRunPod:
         )
         self.runsync_final = True  # False: /runsync answers IN_PROGRESS and the client must poll
         self.rate_limited = False
+        self.complete_after_s: float | None = None  # set: jobs finish by time, not by poll count
         self.limits = {"run": 10_000_000, "runsync": 20_000_000}
         self.delay_ms, self.execution_ms = 1234, 5678
         self.color = (30, 120, 240)
@@ -112,7 +115,16 @@ class FakeRunPod:
         if job.cancelled:
             return "CANCELLED"
         job.polls += 1
-        if job.polls <= len(self.statuses):
+        if self.complete_after_s is not None:  # by time, as a real endpoint (benchmarks)
+            age = time.perf_counter() - job.created
+            status = (
+                self.outcome
+                if age >= self.complete_after_s
+                else "IN_QUEUE"
+                if age < self.complete_after_s / 5
+                else "IN_PROGRESS"
+            )
+        elif job.polls <= len(self.statuses):
             status = self.statuses[job.polls - 1]
         elif "workflow" not in job.input:
             status = "FAILED"
