@@ -86,6 +86,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 # -- the commented-out generator examples in config.toml ------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def _at_repo_root(monkeypatch):
     """The workflow examples name examples/workflows, relative to where the service starts."""

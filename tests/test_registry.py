@@ -61,7 +61,9 @@ def test_register_and_refuse_duplicates():
 
 
 def test_unknown_and_broken_strategies_explain_themselves():
-    with pytest.raises(GeneratorUnavailable, match="unknown strategy 'nope'; known strategies: cloudflare, comfyui, fal"):
+    with pytest.raises(
+        GeneratorUnavailable, match="unknown strategy 'nope'; known strategies: cloudflare, comfyui, fal"
+    ):
         get_generator_class("nope")
     register_generator("broken", "image_server.not_a_module:Thing")
     with pytest.raises(GeneratorUnavailable, match="could not be imported"):

@@ -169,6 +169,35 @@ async def test_a_dropped_websocket_falls_back_to_history_without_losing_the_rend
     assert any(p.startswith("/history/") for p in fake.paths("GET"))
 
 
+async def test_renders_share_one_websocket_and_get_their_own_events(fake, workflows):
+    fake.render_s = 0.05
+    first_progress: list[Any] = []
+    second_progress: list[Any] = []
+    async with make(fake, workflows) as generator:
+        first, second = await asyncio.gather(
+            generator.generate(job(first_progress, seed=1)), generator.generate(job(second_progress, seed=2))
+        )
+        third = await generator.generate(job(seed=3))
+    assert fake.ws_connects == 1
+    client_ids = {r.json()["client_id"] for r in fake.requests if r.path == "/prompt"}
+    assert len(client_ids) == 1  # one client id: both prompts' events arrive on the one socket
+    assert len({first.images[0].data, second.images[0].data, third.images[0].data}) == 1  # same colour...
+    downloaded = [r.path for r in fake.requests if r.path.startswith("/view")]
+    assert len(set(downloaded)) == 3  # ...but each render fetched its own file
+    for progress in (first_progress, second_progress):
+        assert [f for f, _ in progress if f is not None] == [1 / 3, 2 / 3, 1.0]
+
+
+async def test_a_render_after_a_dropped_websocket_connects_again(fake, workflows):
+    async with make(fake, workflows) as generator:
+        fake.drop_websocket_after = 0
+        await generator.generate(job())
+        fake.drop_websocket_after = None
+        await generator.generate(job())
+    assert fake.ws_connects == 2
+    assert sum(p.startswith("/history/") for p in fake.paths("GET")) >= 1
+
+
 async def test_polling_only_when_the_websocket_is_off(fake, workflows):
     async with make(fake, workflows, websocket=False) as generator:
         result = await generator.generate(job())

@@ -1,7 +1,7 @@
-"""Following one prompt to its end: the ``/ws`` event stream, or ``/history`` polling without it.
+"""Following one prompt to its end: its ``/ws`` events, or ``/history`` polling without them.
 
-Only events whose ``prompt_id`` is ours count: a socket also carries queue ``status`` for
-everyone, binary preview frames, and other prompts' events when a client id is shared.
+Only events whose ``prompt_id`` is ours count (``EventHub`` routes by it and drops queue
+``status`` broadcasts, binary preview frames and other prompts' events).
 ``executing`` with ``node: null`` ends the prompt; ``execution_error`` and
 ``execution_interrupted`` end it too (they are not always followed by the null node).
 """
@@ -9,15 +9,14 @@ everyone, binary preview frames, and other prompts' events when a client id is s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import AsyncIterable
 from typing import Any
 
 import httpx
 
 from image_server.errors import GenerationFailed
 from image_server.generators.base import ProgressCallback
+from image_server.generators.comfyui.events import Event
 from image_server.generators.comfyui.wire import (
     HistoryEntry,
     as_dict,
@@ -36,22 +35,16 @@ class WebsocketLost(Exception):
 
 
 async def follow_events(
-    messages: AsyncIterable[str | bytes], prompt_id: str, *, progress: ProgressCallback, generator: str
+    events: asyncio.Queue[Event], prompt_id: str, *, progress: ProgressCallback, generator: str
 ) -> dict[str, Any]:
-    """Outputs seen in ``executed`` events (node -> output) once the prompt ends.
+    """Outputs seen in ``executed`` events (node -> output) once ``prompt_id`` ends.
 
-    Raises ``GenerationFailed`` for an execution error or interrupt, ``WebsocketLost`` when the
-    stream ends first.
+    ``events`` holds this prompt's events only (see ``EventHub``). Raises
+    ``GenerationFailed`` for an execution error or interrupt, ``WebsocketLost`` when the
+    socket goes first.
     """
     outputs: dict[str, Any] = {}
-    async for message in messages:
-        if isinstance(message, bytes):
-            continue  # a preview image: 4-byte event type, 4-byte format, then the bytes
-        try:
-            event = as_dict(json.loads(message))
-        except ValueError:
-            logger.debug("%s: ignoring a websocket text frame that is not JSON", generator)
-            continue
+    while (event := await events.get()) is not None:
         kind, data = event.get("type"), as_dict(event.get("data"))
         if data.get("prompt_id") != prompt_id:
             continue

@@ -16,8 +16,6 @@ import uuid
 from typing import Any, ClassVar
 
 import httpx
-from websockets.asyncio.client import connect
-from websockets.exceptions import WebSocketException
 
 from image_server.errors import GenerationFailed, GeneratorError, ImageServerError
 from image_server.formats import image_format_of
@@ -32,6 +30,7 @@ from image_server.generators.base import (
     check_request,
 )
 from image_server.generators.comfyui.config import ComfyUIConfig
+from image_server.generators.comfyui.events import EventHub
 from image_server.generators.comfyui.follow import WebsocketLost, follow_events, poll_history
 from image_server.generators.comfyui.wire import (
     OutputFile,
@@ -47,7 +46,6 @@ from image_server.generators.workflow import BuiltGraph, build_graph, workflow_c
 
 logger = logging.getLogger(__name__)
 WITHDRAW_TIMEOUT_S = 10.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # preview frames of big renders
 
 
 class ComfyUIGenerator(HTTPGenerator):
@@ -58,6 +56,13 @@ class ComfyUIGenerator(HTTPGenerator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._withdrawals: set[asyncio.Task[None]] = set()
+        self._hub: EventHub | None = None
+
+    async def open(self) -> None:
+        await super().open()
+        if self.config.websocket and self._hub is None:
+            timeout = self.config.request_timeout_s or 10.0
+            self._hub = EventHub(self.config.base_url, name=self.name, open_timeout=timeout)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -101,37 +106,31 @@ class ComfyUIGenerator(HTTPGenerator):
         return uploaded_name(response.content, generator=self.name)
 
     async def _render(self, client: httpx.AsyncClient, built: BuiltGraph, job: RenderJob) -> list[OutputFile]:
-        client_id = uuid.uuid4().hex
-        prompt_id = str(uuid.uuid4())  # chosen here, so a cancel during the POST can still withdraw it
+        prompt_id = str(uuid.uuid4())  # chosen here: events are routed by it, and a cancel can withdraw it
         outputs = self.config.compiled().outputs
-        async with self._events(client_id) as messages:
-            try:
-                prompt_id = await self._submit(client, built, client_id, prompt_id)
-                job.progress(None, "queued on ComfyUI")
-                found: dict[str, Any] | None = None
-                if messages is not None:
-                    try:
-                        found = await follow_events(messages, prompt_id, progress=job.progress, generator=self.name)
-                    except (WebsocketLost, WebSocketException, OSError) as exc:
-                        logger.warning("%s: websocket lost (%s); polling /history for %s", self.name, exc, prompt_id)
-            except asyncio.CancelledError:
-                self._withdraw_soon(client, prompt_id)
-                raise
-        if found:
-            files = files_of(found, outputs)
-            if files:
-                return files
+        hub = self._hub
+        events = await hub.subscribe(prompt_id) if hub is not None else None
         try:
+            prompt_id = await self._submit(client, built, hub.client_id if hub else uuid.uuid4().hex, prompt_id)
+            job.progress(None, "queued on ComfyUI")
+            if events is not None:
+                try:
+                    found = await follow_events(events, prompt_id, progress=job.progress, generator=self.name)
+                except WebsocketLost:
+                    logger.warning("%s: websocket lost; polling /history for %s", self.name, prompt_id)
+                else:
+                    if files := files_of(found, outputs):
+                        return files
             entry = await poll_history(client, prompt_id, interval=self.config.poll_interval_s, generator=self.name)
         except asyncio.CancelledError:
             self._withdraw_soon(client, prompt_id)
             raise
+        finally:
+            if hub is not None:
+                hub.unsubscribe(prompt_id)
         if entry.error is not None:
             raise entry.error
         return files_of(entry.outputs, outputs)
-
-    def _events(self, client_id: str) -> Any:
-        return _EventStream(self, client_id)
 
     async def _submit(self, client: httpx.AsyncClient, built: BuiltGraph, client_id: str, prompt_id: str) -> str:
         body = {"prompt": built.graph, "client_id": client_id, "prompt_id": prompt_id}
@@ -193,34 +192,10 @@ class ComfyUIGenerator(HTTPGenerator):
     async def aclose(self) -> None:
         if self._withdrawals:
             await asyncio.wait(set(self._withdrawals), timeout=WITHDRAW_TIMEOUT_S)
+        hub, self._hub = self._hub, None
+        if hub is not None:
+            await hub.aclose()
         await super().aclose()
-
-
-class _EventStream:
-    """``async with``: the ``/ws`` messages for ``client_id``, or None (polling) if it won't open."""
-
-    def __init__(self, generator: ComfyUIGenerator, client_id: str) -> None:
-        self.generator = generator
-        self.client_id = client_id
-        self._socket: Any = None
-
-    async def __aenter__(self) -> Any:
-        config = self.generator.config
-        if not config.websocket:
-            return None
-        url = re.sub(r"^http", "ws", config.base_url.rstrip("/")) + f"/ws?clientId={self.client_id}"
-        try:
-            self._socket = await connect(
-                url, max_size=MAX_MESSAGE_BYTES, open_timeout=config.request_timeout_s or 10.0, compression=None
-            )
-        except (WebSocketException, OSError, TimeoutError) as exc:
-            logger.warning("%s: no websocket (%s); polling /history instead", self.generator.name, exc)
-            return None
-        return self._socket
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._socket is not None:
-            await self._socket.close()
 
 
 def _safe(text: str) -> str:
