@@ -12,9 +12,10 @@ import json
 import queue
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -64,6 +65,7 @@ class FakeComfyUI:
         self.interrupts: list[dict[str, Any] | None] = []  # bodies of POST /interrupt (None: global)
         self.queue_deletes: list[list[str]] = []
         self.ws_connects = 0
+        self.http_busy_s = 0.0
         self._stack = ExitStack()
         self._numbers = 0
         self.url = ""
@@ -78,6 +80,16 @@ class FakeComfyUI:
         self.drop_websocket_after: int | None = None  # close every socket after this many messages
         self.refuse: int | None = None  # answer POST /prompt with this status (e.g. 503 while restarting)
         self.nonsense_prompt = False  # 200 from POST /prompt without a prompt_id
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        """Adds the time spent answering an HTTP call to ``http_busy_s`` (benchmarks subtract it)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self.sockets_lock:
+                self.http_busy_s += time.perf_counter() - start
 
     def __enter__(self) -> FakeComfyUI:
         self.engine.thread.start()
@@ -173,6 +185,10 @@ class FakeComfyUI:
                     self.read_body()
                     fake._serve_socket(self, query.get("clientId", [uuid.uuid4().hex])[0])
                     return
+                with fake.busy():
+                    self.get(path, query)
+
+            def get(self, path: str, query: dict[str, list[str]]) -> None:
                 self.read_body()
                 if path == "/system_stats":
                     self.send_json(200, SYSTEM_STATS)
@@ -208,6 +224,10 @@ class FakeComfyUI:
                     self.send_bytes(200, data, "image/png")
 
             def do_POST(self) -> None:
+                with fake.busy():
+                    self.post()
+
+            def post(self) -> None:
                 path, body = self.route(), self.read_body()
                 if path == "/prompt":
                     fake._prompt(self, body)

@@ -56,6 +56,7 @@ class FakeRunPod:
         )
         self.runsync_final = True  # False: /runsync answers IN_PROGRESS and the client must poll
         self.rate_limited = False
+        self.failure_details: list[str] | None = None
         self.complete_after_s: float | None = None  # set: jobs finish by time, not by poll count
         self.limits = {"run": 10_000_000, "runsync": 20_000_000}
         self.delay_ms, self.execution_ms = 1234, 5678
@@ -86,6 +87,8 @@ class FakeRunPod:
             body |= {"executionTime": self.execution_ms, "output": self._output()}
         if status == "FAILED":
             body |= {"executionTime": self.execution_ms, "error": self._failure(job)}
+            if self.failure_details:  # worker-comfyui's {"error": "Job processing failed", "details": [...]}
+                body |= {"error": "Job processing failed", "output": {"details": self.failure_details}}
         return body
 
     def _failure(self, job: FakeJob) -> str:

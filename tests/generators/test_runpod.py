@@ -131,6 +131,19 @@ async def test_terminal_states_become_clear_errors(fake, folder, outcome, output
     assert "SECRET_TRACE" not in str(caught.value) and caught.value.request_id == "r-1"
 
 
+async def test_a_failed_workflow_reports_the_workers_details(fake, folder):
+    fake.outcome = "FAILED"
+    fake.failure_details = ["Workflow execution error: Node Type: VAEDecode, Node ID: 8, Message: CUDA out of memory"]
+    async with make(fake, folder) as generator:
+        with pytest.raises(GenerationFailed) as caught:
+            await generator.generate(job())
+    assert str(caught.value) == (
+        "rp: the RunPod job failed: Job processing failed: "
+        "Workflow execution error: Node Type: VAEDecode, Node ID: 8, Message: CUDA out of memory"
+    )
+    assert not caught.value.retryable
+
+
 async def test_cancel_cancels_the_runpod_job(fake, folder):
     fake.statuses = ["IN_QUEUE"] * 10_000
     async with make(fake, folder) as generator:

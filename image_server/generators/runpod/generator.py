@@ -138,7 +138,7 @@ class RunPodGenerator(HTTPGenerator):
         if current.status == "COMPLETED":
             return current
         if current.status == "FAILED":
-            detail = scrub(error_text(current.error), self._key)
+            detail = scrub(error_text(current.error, current.output), self._key)
             raise GenerationFailed(f"{self.name}: the RunPod job failed: {detail}", error_type="FAILED")
         if current.status == "TIMED_OUT":
             raise GenerationTimeout(f"{self.name}: the RunPod job timed out on the endpoint (TIMED_OUT)")

@@ -95,18 +95,29 @@ def parse_job(content: bytes, *, generator: str) -> Job:
     return Job(body["id"], body["status"], body.get("output"), body.get("error"), ms("delayTime"), ms("executionTime"))
 
 
-def error_text(error: Any) -> str:
-    """A FAILED job's ``error``: a plain string, or a JSON blob whose traceback must not leak."""
+def error_text(error: Any, output: Any = None) -> str:
+    """A FAILED job's reason: ``error`` (a string, or a JSON blob of an uncaught exception whose
+    traceback must not leak) and worker-comfyui's ``details`` list where RunPod passed it on."""
+    text = _error_of(error)
+    details = output.get("details") if isinstance(output, dict) else None
+    if isinstance(details, list) and details:
+        text = f"{text}: {'; '.join(str(d) for d in details)}"
+    return text[:MAX_DETAIL_CHARS]
+
+
+def _error_of(error: Any) -> str:
     if isinstance(error, str):
         try:
-            blob = json.loads(error)
+            parsed = json.loads(error)
         except ValueError:
-            return error[:MAX_DETAIL_CHARS]
-        error = blob
+            return error
+        if not isinstance(parsed, dict):
+            return error
+        error = parsed
     if isinstance(error, dict):
         kind, message = error.get("error_type"), error.get("error_message") or error.get("message")
         if message:
-            return f"{kind}: {message}"[:MAX_DETAIL_CHARS] if kind else str(message)[:MAX_DETAIL_CHARS]
+            return f"{kind}: {message}" if kind else str(message)
     return "no reason given"
 
 
