@@ -79,6 +79,7 @@ class FakeComfyUI:
         self.foreign_events = False
         self.drop_websocket_after: int | None = None  # close every socket after this many messages
         self.refuse: int | None = None  # answer POST /prompt with this status (e.g. 503 while restarting)
+        self.honour_prompt_id = True  # False: an older ComfyUI that assigns its own prompt ids
         self.nonsense_prompt = False  # 200 from POST /prompt without a prompt_id
 
     @contextmanager
@@ -289,7 +290,7 @@ class FakeComfyUI:
         if self.nonsense_prompt:
             handler.send_json(200, {"ok": True})
             return
-        prompt_id = request.get("prompt_id") or str(uuid.uuid4())
+        prompt_id = (self.honour_prompt_id and request.get("prompt_id")) or str(uuid.uuid4())
         outputs = [i for i, node in graph.items() if node["class_type"] in OUTPUT_CLASSES]
         number = self.engine.counter
         self.engine.counter += 1

@@ -188,6 +188,18 @@ async def test_renders_share_one_websocket_and_get_their_own_events(fake, workfl
         assert [f for f, _ in progress if f is not None] == [1 / 3, 2 / 3, 1.0]
 
 
+async def test_an_older_server_that_assigns_its_own_prompt_ids(fake, workflows):
+    fake.honour_prompt_id = False
+    progress: list[Any] = []
+    async with make(fake, workflows) as generator:
+        result = await generator.generate(job(progress))
+    (sent,) = [r.json()["prompt_id"] for r in fake.requests if r.path == "/prompt"]
+    (assigned,) = fake.engine.history
+    assert sent != assigned and len(result.images) == 1
+    assert [f for f, _ in progress if f is not None] == [1 / 3, 2 / 3, 1.0]
+    assert "/history/" not in " ".join(fake.paths())  # followed on the socket under the server's id
+
+
 async def test_a_render_after_a_dropped_websocket_connects_again(fake, workflows):
     async with make(fake, workflows) as generator:
         fake.drop_websocket_after = 0

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import deque
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -23,6 +24,7 @@ from websockets.exceptions import WebSocketException
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # preview frames of big renders
 Event = dict[str, Any] | None  # None: the socket is gone
+UNROUTED_KEPT = 1024  # recent events of prompts no render has claimed (yet), for ``rename``
 
 
 class EventHub:
@@ -32,6 +34,7 @@ class EventHub:
         self.name = name
         self.open_timeout = open_timeout
         self._subscribers: dict[str, asyncio.Queue[Event]] = {}
+        self._unrouted: deque[tuple[str, dict[str, Any]]] = deque(maxlen=UNROUTED_KEPT)
         self._socket: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
@@ -55,6 +58,17 @@ class EventHub:
     def unsubscribe(self, prompt_id: str) -> None:
         self._subscribers.pop(prompt_id, None)
 
+    def rename(self, chosen: str, assigned: str) -> None:
+        """The server ignored our prompt id (older ComfyUI) and gave another: route that one
+        instead, replaying what already arrived for it."""
+        queue = self._subscribers.pop(chosen, None)
+        if queue is None or chosen == assigned:
+            return
+        self._subscribers[assigned] = queue
+        for prompt_id, event in list(self._unrouted):
+            if prompt_id == assigned:
+                queue.put_nowait(event)
+
     async def _read(self, socket: ClientConnection) -> None:
         try:
             async for message in socket:
@@ -66,9 +80,13 @@ class EventHub:
                 except (ValueError, TypeError, KeyError, AttributeError):
                     logger.debug("%s: ignoring a websocket frame that is not an event", self.name)
                     continue
-                queue = self._subscribers.get(prompt_id) if isinstance(prompt_id, str) else None
+                if not isinstance(prompt_id, str):
+                    continue  # queue status broadcasts
+                queue = self._subscribers.get(prompt_id)
                 if queue is not None:
                     queue.put_nowait(event)
+                else:
+                    self._unrouted.append((prompt_id, event))
         except (WebSocketException, OSError) as exc:
             logger.warning("%s: websocket lost (%s)", self.name, exc)
         finally:

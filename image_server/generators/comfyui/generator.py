@@ -111,7 +111,10 @@ class ComfyUIGenerator(HTTPGenerator):
         hub = self._hub
         events = await hub.subscribe(prompt_id) if hub is not None else None
         try:
-            prompt_id = await self._submit(client, built, hub.client_id if hub else uuid.uuid4().hex, prompt_id)
+            assigned = await self._submit(client, built, hub.client_id if hub else uuid.uuid4().hex, prompt_id)
+            if assigned != prompt_id and hub is not None:
+                hub.rename(prompt_id, assigned)
+            prompt_id = assigned
             job.progress(None, "queued on ComfyUI")
             if events is not None:
                 try:
