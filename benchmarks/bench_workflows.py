@@ -16,7 +16,7 @@ through RenderClient with delivery ``frames``.
   ``complete_after_s``; polling can add up to one period, so the target is overhead p50 <
   period + 5 ms, and overhead minus period under 5 ms at p50.
 
-    uv run python benchmarks/bench_workflows.py [--requests 200] [--runs 3]
+    uv run python benchmarks/bench_workflows.py [--requests 100] [--runs 3]
 """
 
 from __future__ import annotations
@@ -112,29 +112,32 @@ def run_once(count: int, warmup: int) -> dict[str, Any]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-    runs = [run_once(args.requests, args.warmup) for _ in range(args.runs)]
+def run(runs: int = 3, count: int = 100, warmup: int = 10) -> dict[str, Any]:
+    results = [run_once(count, warmup) for _ in range(runs)]
     medians = {
-        f"{kind}.{what}.{q}": median_of(runs, f"{kind}.{what}.{q}")
+        f"{kind}.{what}.{q}": median_of(results, f"{kind}.{what}.{q}")
         for kind in ("comfyui", "runpod")
         for what in ("round_trip", "overhead", "overhead_net")
         for q in ("p50_ms", "p99_ms")
     }
-    report = {
+    return {
         "render_s": RENDER_S,
         "runpod_poll_interval_s": POLL_S,
-        "medians": medians,
-        "comfyui_target_met": medians["comfyui.overhead_net.p50_ms"] < 5.0,
-        "runpod_target_met": medians["runpod.overhead.p50_ms"] < POLL_S * 1000 + 5.0,
-        "runs": runs,
+        "median": medians,
+        "comfyui_met": medians["comfyui.overhead_net.p50_ms"] < 5.0,
+        "runpod_met": medians["runpod.overhead.p50_ms"] < POLL_S * 1000 + 5.0,
+        "runs": results,
         "machine": machine(),
     }
-    print(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(run(args.runs, args.requests, args.warmup), indent=2))
 
 
 if __name__ == "__main__":

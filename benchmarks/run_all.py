@@ -28,6 +28,7 @@ import bench_journal
 import bench_memory
 import bench_mock_1024
 import bench_overhead
+import bench_workflows
 import PIL
 import zmq
 from harness import BENCH_DIR
@@ -170,6 +171,25 @@ def journal_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def workflow_rows(r: dict[str, Any]) -> list[Row]:
+    m, poll_ms = r["median"], r["runpod_poll_interval_s"] * 1000
+    return [
+        (
+            f"7. comfyui overhead beyond the fake's render ({r['render_s'] * 1000:g} ms) and HTTP handling, sequential",
+            f"p50 {m['comfyui.overhead_net.p50_ms']} ms / p99 {m['comfyui.overhead_net.p99_ms']} ms "
+            f"(with the fake's HTTP handling: p50 {m['comfyui.overhead.p50_ms']} ms / p99 {m['comfyui.overhead.p99_ms']} ms)",
+            "p50 < 5 ms",
+            _met(r["comfyui_met"]),
+        ),
+        (
+            f"7. runpod overhead beyond the job's {r['render_s'] * 1000:g} ms, polling every {poll_ms:g} ms",
+            f"p50 {m['runpod.overhead.p50_ms']} ms / p99 {m['runpod.overhead.p99_ms']} ms",
+            f"p50 < {poll_ms + 5:g} ms (one period + 5)",
+            _met(r["runpod_met"]),
+        ),
+    ]
+
+
 BENCHMARKS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[dict[str, Any]], list[Row]]]] = {
     "overhead": (lambda runs: bench_overhead.run(runs), overhead_rows),
     "mock_1024": (lambda runs: bench_mock_1024.run(runs), mock_rows),
@@ -177,6 +197,7 @@ BENCHMARKS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[dict[str,
     "memory": (lambda runs: bench_memory.run(runs), memory_rows),
     "jitter": (lambda runs: bench_jitter.run(runs), jitter_rows),
     "journal": (lambda runs: bench_journal.run(runs), journal_rows),
+    "workflows": (lambda runs: bench_workflows.run(runs), workflow_rows),
 }
 
 

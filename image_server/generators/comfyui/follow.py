@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -35,7 +36,12 @@ class WebsocketLost(Exception):
 
 
 async def follow_events(
-    events: asyncio.Queue[Event], prompt_id: str, *, progress: ProgressCallback, generator: str
+    events: asyncio.Queue[Event],
+    prompt_id: str,
+    *,
+    progress: ProgressCallback,
+    generator: str,
+    on_output: Callable[[str, dict[str, Any]], None] = lambda node, output: None,
 ) -> dict[str, Any]:
     """Outputs seen in ``executed`` events (node -> output) once ``prompt_id`` ends.
 
@@ -55,7 +61,9 @@ async def follow_events(
         elif kind == "execution_start":
             progress(None, "running")
         elif kind == "executed":
-            outputs[str(data.get("node"))] = as_dict(data.get("output"))
+            node, output = str(data.get("node")), as_dict(data.get("output"))
+            outputs[node] = output
+            on_output(node, output)
         elif kind == "execution_error":
             raise execution_failed(data, generator=generator)
         elif kind == "execution_interrupted":

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 import httpx
@@ -79,8 +80,7 @@ class ComfyUIGenerator(HTTPGenerator):
             built = await asyncio.to_thread(
                 build_graph, self.config, request, reference_values=references, depth_value=depth
             )
-            files = await self._render(client, built, job)
-            images = [await self._download(client, file, built.seed) for file in files]
+            images = await self._render(client, built, job)
         except ImageServerError as exc:
             exc.request_id = exc.request_id or request.request_id
             exc.generator = exc.generator or self.name
@@ -105,9 +105,17 @@ class ComfyUIGenerator(HTTPGenerator):
             raise error_for_status(response.status_code, "uploading a reference image failed", generator=self.name)
         return uploaded_name(response.content, generator=self.name)
 
-    async def _render(self, client: httpx.AsyncClient, built: BuiltGraph, job: RenderJob) -> list[OutputFile]:
+    async def _render(self, client: httpx.AsyncClient, built: BuiltGraph, job: RenderJob) -> list[GeneratedImage]:
         prompt_id = str(uuid.uuid4())  # chosen here: events are routed by it, and a cancel can withdraw it
         outputs = self.config.compiled().outputs
+        # Downloads start at each output node's ``executed`` event, while the server still
+        # finishes the prompt (history, status) before its final ``executing`` event.
+        prefetch = _Prefetch(lambda file: self._download(client, file, built.seed))
+
+        def on_output(node: str, output: dict[str, Any]) -> None:
+            if node in outputs:
+                prefetch.start(files_of({node: output}, (node,)))
+
         hub = self._hub
         events = await hub.subscribe(prompt_id) if hub is not None else None
         try:
@@ -116,24 +124,28 @@ class ComfyUIGenerator(HTTPGenerator):
                 hub.rename(prompt_id, assigned)
             prompt_id = assigned
             job.progress(None, "queued on ComfyUI")
+            files: list[OutputFile] = []
             if events is not None:
                 try:
-                    found = await follow_events(events, prompt_id, progress=job.progress, generator=self.name)
+                    found = await follow_events(
+                        events, prompt_id, progress=job.progress, on_output=on_output, generator=self.name
+                    )
+                    files = files_of(found, outputs)
                 except WebsocketLost:
                     logger.warning("%s: websocket lost; polling /history for %s", self.name, prompt_id)
-                else:
-                    if files := files_of(found, outputs):
-                        return files
-            entry = await poll_history(client, prompt_id, interval=self.config.poll_interval_s, generator=self.name)
+            if not files:
+                entry = await poll_history(client, prompt_id, interval=self.config.poll_interval_s, generator=self.name)
+                if entry.error is not None:
+                    raise entry.error
+                files = files_of(entry.outputs, outputs)
+            return await prefetch.collect(files)
         except asyncio.CancelledError:
             self._withdraw_soon(client, prompt_id)
             raise
         finally:
+            await prefetch.cancel()
             if hub is not None:
                 hub.unsubscribe(prompt_id)
-        if entry.error is not None:
-            raise entry.error
-        return files_of(entry.outputs, outputs)
 
     async def _submit(self, client: httpx.AsyncClient, built: BuiltGraph, client_id: str, prompt_id: str) -> str:
         body = {"prompt": built.graph, "client_id": client_id, "prompt_id": prompt_id}
@@ -199,6 +211,30 @@ class ComfyUIGenerator(HTTPGenerator):
         if hub is not None:
             await hub.aclose()
         await super().aclose()
+
+
+class _Prefetch:
+    """Downloads by output file, started as early as the file is known, each once."""
+
+    def __init__(self, fetch: Callable[[OutputFile], Awaitable[GeneratedImage]]) -> None:
+        self.fetch = fetch
+        self.tasks: dict[OutputFile, asyncio.Task[GeneratedImage]] = {}
+
+    def start(self, files: list[OutputFile]) -> None:
+        for file in files:
+            if file not in self.tasks:
+                self.tasks[file] = asyncio.ensure_future(self.fetch(file))
+
+    async def collect(self, files: list[OutputFile]) -> list[GeneratedImage]:
+        self.start(files)
+        return [await self.tasks[file] for file in files]
+
+    async def cancel(self) -> None:
+        """Stop what is still running (a failed or cancelled render); collected tasks are done."""
+        pending = [task for task in self.tasks.values() if not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
 
 def _safe(text: str) -> str:
