@@ -6,6 +6,7 @@ input the file lacks is a config error naming file, node and input, not a failed
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from image_server.generators.workflow.graph import (
     WorkflowFileError,
     check_target,
     find_placeholders,
-    load_graph,
+    read_graph_text,
 )
 from image_server.generators.workflow.lora_stack import LoraSources, check_stack_node, find_sources
 from image_server.generators.workflow.settings import (
@@ -40,6 +41,7 @@ class CompiledWorkflow:
     placeholders: dict[str, list[InputRef]] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
     lora_sources: LoraSources | None = None
+    text: str = "{}"  # the file as read at start-up; each request parses its own copy
 
     @property
     def takes_loras(self) -> bool:
@@ -47,7 +49,8 @@ class CompiledWorkflow:
 
     def graph(self) -> Graph:
         """A fresh copy of the exported graph."""
-        return load_graph(self.path)
+        graph: Graph = json.loads(self.text)
+        return graph
 
     def takes(self, name: str) -> bool:
         return bool(self.targets.get(name) or self.placeholders.get(name))
@@ -56,7 +59,8 @@ class CompiledWorkflow:
 def compile_workflow(directory: Path, name: str, spec: WorkflowSpec) -> CompiledWorkflow:
     path = directory / spec.file
     source = str(path)
-    graph = load_graph(path)
+    file_text = read_graph_text(path)
+    graph: Graph = json.loads(file_text)
     targets: dict[str, list[InputRef]] = {}
     for key, value in spec.inputs.items():
         texts = [value] if isinstance(value, str) else value
@@ -106,4 +110,4 @@ def compile_workflow(directory: Path, name: str, spec: WorkflowSpec) -> Compiled
         sources = None
     else:
         sources = find_sources(graph, spec, source=source)
-    return CompiledWorkflow(name, path, spec, targets, references, depth, placeholders, outputs, sources)
+    return CompiledWorkflow(name, path, spec, targets, references, depth, placeholders, outputs, sources, file_text)

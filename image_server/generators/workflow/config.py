@@ -42,18 +42,12 @@ class WorkflowGeneratorConfig(GeneratorConfig):
         return self.workflow or next(iter(self.workflows))
 
     def compiled(self, name: str | None = None) -> CompiledWorkflow:
-        """The checked workflow (cached per file version and mapping)."""
+        """The checked workflow. Files are read once per process (at start-up, when the config is
+        validated): an edited workflow file takes effect on restart, after the same checks."""
         name = name or self.workflow_name
-        spec = self.workflows[name]
-        path = self.workflows_dir / spec.file
-        try:
-            stat = path.stat()
-            version = (stat.st_mtime_ns, stat.st_size)
-        except OSError:
-            version = (0, 0)  # compile_workflow reports the unreadable file
-        return _compile_cached(str(self.workflows_dir), name, spec.model_dump_json(), version)
+        return _compile_cached(str(self.workflows_dir), name, self.workflows[name].model_dump_json())
 
 
-@lru_cache(maxsize=64)
-def _compile_cached(directory: str, name: str, spec_json: str, version: tuple[int, int]) -> CompiledWorkflow:
+@lru_cache(maxsize=256)
+def _compile_cached(directory: str, name: str, spec_json: str) -> CompiledWorkflow:
     return compile_workflow(Path(directory), name, WorkflowSpec.model_validate_json(spec_json))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,27 +45,16 @@ def is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
 
-def load_graph(path: Path) -> Graph:
-    """The graph in ``path`` (a fresh copy each call; the parsed file is cached by mtime and size)."""
+def read_graph_text(path: Path) -> str:
+    """The text of an API-format workflow file, checked for shape (blocking: start-up only)."""
     try:
-        stat = path.stat()
-    except OSError as exc:
-        raise WorkflowFileError(f"workflow file {path} cannot be read: {exc.strerror or exc}") from exc
-    text = _read_cached(str(path), stat.st_mtime_ns, stat.st_size)
-    graph: Graph = json.loads(text)
-    return graph
-
-
-@lru_cache(maxsize=64)
-def _read_cached(path: str, mtime_ns: int, size: int) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text)
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkflowFileError(f"workflow file {path} cannot be read: {exc}") from exc
     except ValueError as exc:
         raise WorkflowFileError(f"workflow file {path} is not valid JSON: {exc}") from exc
-    check_api_format(data, source=path)
+    check_api_format(data, source=str(path))
     return text
 
 
