@@ -331,3 +331,49 @@ def test_a_request_may_pick_only_a_configured_workflow(workflows):
     assert config.model_validate(config.model_dump() | {"workflow": "b"}).compiled().name == "b"
     with pytest.raises(ValueError, match="unknown workflow 'c'; allowed: a, b"):
         config.model_validate(config.model_dump() | {"workflow": "c"})
+
+
+# -- the builder's other paths: depth maps, style defaults, placeholder defaults -----------------
+
+
+async def test_depth_map_and_style_defaults(fake, workflows):
+    graph = json.loads((workflows / "sdxl_img2img.json").read_text())
+    graph["12"] = {"inputs": {"image": "{{depth_map}}"}, "class_type": "LoadImage", "_meta": {"title": "depth"}}
+    graph["5"] = {
+        "inputs": {"width": "{{width}}", "height": "{{height}}", "batch_size": 1},
+        "class_type": "EmptyLatentImage",
+    }
+    graph["3"]["inputs"]["steps"] = "{{steps}}"
+    (workflows / "depth.json").write_text(json.dumps(graph))
+    spec = {"file": "depth.json", "inputs": {"reference_images": ["10.inputs.image"]}, "defaults": {"steps": 30}}
+    styles = {"wide": {"width": 1216, "height": 832, "negative_prompt": "lowres"}}
+    async with make(fake, workflows, workflows={"d": spec}, styles=styles) as generator:
+        depth = ReferenceImage(png_bytes((8, 8)), "png", 8, 8)
+        request = RenderRequest(request_id="c-2", prompt="a pier", style="wide")
+        ref = ReferenceImage(png_bytes((16, 16)), "png", 16, 16)
+        result = await generator.generate(RenderJob(request, [ref], depth_map=depth))
+        assert generator.capabilities.depth_map and generator.capabilities.max_reference_images == 1
+    posted = posted_graph(fake)
+    sub = posted["10"]["inputs"]["image"].rpartition("/")[0]
+    assert posted["12"]["inputs"]["image"] == f"{sub}/depth.png"
+    assert (posted["5"]["inputs"]["width"], posted["5"]["inputs"]["height"]) == (1216, 832)  # the style's size
+    assert posted["3"]["inputs"]["steps"] == 30  # the workflow's default for {{steps}}
+    assert posted["7"]["inputs"]["text"] == "lowres"  # the style's negative prompt
+    assert result.applied["steps"] == 30 and result.applied["style"] == "wide"
+
+
+async def test_a_placeholder_without_a_value_or_default_is_invalid_request(fake, workflows):
+    graph = json.loads((workflows / "sd15_text_to_image.json").read_text())
+    graph["3"]["inputs"]["cfg"] = "{{cfg}}"
+    (workflows / "cfg.json").write_text(json.dumps(graph))
+    async with make(fake, workflows, workflows={"c": {"file": "cfg.json"}}) as generator:
+        with pytest.raises(InvalidRequest, match=r"has a \{\{cfg\}\} placeholder and the request gives no cfg"):
+            await generator.generate(job())
+        await generator.generate(job(guidance_scale=4.0))
+    assert posted_graph(fake)["3"]["inputs"]["cfg"] == 4.0
+
+
+async def test_an_unknown_style_is_invalid_request(fake, workflows):
+    async with make(fake, workflows, styles={"noir": {"prompt_prefix": "noir "}}) as generator:
+        with pytest.raises(InvalidRequest, match="unknown style 'pastel'; configured styles: noir"):
+            await generator.generate(job(style="pastel"))
