@@ -58,6 +58,7 @@ async def _drive(service: Any, generator: str, count: int, warmup: int, provider
     trips: list[float] = []
     overheads: list[float] = []
     net: list[float] = []
+    in_generator: list[float] = []  # the service's own timings.generate minus the provider's time
     async with RenderClient(service.requests, service.events) as client:
         await client.wait_ready(10)
         for i in range(warmup + count):
@@ -77,7 +78,13 @@ async def _drive(service: Any, generator: str, count: int, warmup: int, provider
                 trips.append(trip)
                 overheads.append(trip - render)
                 net.append(trip - render - http)
-    return {"round_trip": summary_ms(trips), "overhead": summary_ms(overheads), "overhead_net": summary_ms(net)}
+                in_generator.append(result.event.timings.generate / 1000 - render - http)
+    return {
+        "round_trip": summary_ms(trips),
+        "overhead": summary_ms(overheads),
+        "overhead_net": summary_ms(net),
+        "in_generator": summary_ms(in_generator),
+    }
 
 
 def run_once(count: int, warmup: int) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def run(runs: int = 3, count: int = 100, warmup: int = 10) -> dict[str, Any]:
     medians = {
         f"{kind}.{what}.{q}": median_of(results, f"{kind}.{what}.{q}")
         for kind in ("comfyui", "runpod")
-        for what in ("round_trip", "overhead", "overhead_net")
+        for what in ("round_trip", "overhead", "overhead_net", "in_generator")
         for q in ("p50_ms", "p99_ms")
     }
     return {
