@@ -32,6 +32,7 @@ from tests.fakes.gemini import FakeGemini
 from tests.fakes.kie import FakeKie
 from tests.fakes.leonardo import FakeLeonardo
 from tests.fakes.openai import ScriptedError, fake_openai, server_error
+from tests.fakes.runpod import FakeRunPod
 from tests.fakes.runware import FakeRunware
 
 PLANTED = "sk-PLANTED-abc123-SECRET"
@@ -308,6 +309,40 @@ def runware_provider() -> Iterator[Provider]:
         )
 
 
+@contextlib.contextmanager
+def runpod_provider() -> Iterator[Provider]:
+    with FakeRunPod(api_key=PLANTED) as fake:
+        default_error = fake.error
+
+        def mode(api_key: str = PLANTED, **knobs: Any) -> Callable[[], None]:
+            def apply() -> None:
+                fake.api_key, fake.echo_key, fake.submit_error, fake.malformed = api_key, False, None, False
+                fake.statuses, fake.outcome, fake.error = ["IN_QUEUE", "IN_PROGRESS"], "COMPLETED", default_error
+                for name, value in knobs.items():
+                    setattr(fake, name, value)
+
+            return apply
+
+        workflows = Path(__file__).resolve().parents[1] / "examples" / "workflows"
+        table = {"strategy": "runpod", "endpoint_id": fake.endpoint_id, "api_key_env": KEY_ENV, **FAST}
+        table |= {"poll_interval_s": 0.01, "poll_max_interval_s": 0.02, "timeout_s": 0.6, "request_timeout_s": 0.3}
+        table |= {"workflows_dir": str(workflows), "workflows": {"w": {"file": "sd15_text_to_image.json"}}}
+        yield Provider(
+            table={**table, "base_url": fake.url},
+            dead_table={**table, "base_url": dead_url()},
+            modes={
+                "ok": mode(),
+                "wrong-key-echoed": mode(api_key="the-right-one", echo_key=True),
+                "500-echo": mode(submit_error=(500, f"upstream rejected Bearer {PLANTED}")),
+                "500-echo-cut": mode(submit_error=(500, "x" * 280 + PLANTED)),  # the key straddles the 300 kept
+                "failed-echo": mode(outcome="FAILED", error=f"worker saw key {PLANTED}"),
+                "malformed": mode(malformed=True),
+                "timeout": mode(statuses=["IN_QUEUE"] * 100_000),
+            },
+            key_seen=lambda: any(PLANTED in str(r.headers) for r in fake.requests),
+        )
+
+
 PROVIDERS = {
     "openai": openai_provider,
     "gemini": gemini_provider,
@@ -316,6 +351,7 @@ PROVIDERS = {
     "kie": kie_provider,
     "leonardo": leonardo_provider,
     "runware": runware_provider,
+    "runpod": runpod_provider,
 }
 
 

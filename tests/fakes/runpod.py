@@ -57,6 +57,9 @@ class FakeRunPod:
         self.runsync_final = True  # False: /runsync answers IN_PROGRESS and the client must poll
         self.rate_limited = False
         self.failure_details: list[str] | None = None
+        self.echo_key = False  # a 401 that quotes the Authorization header it was sent
+        self.submit_error: tuple[int, str] | None = None  # answer /run and /runsync with this
+        self.malformed = False  # /status answers with HTML
         self.complete_after_s: float | None = None  # set: jobs finish by time, not by poll count
         self.limits = {"run": 10_000_000, "runsync": 20_000_000}
         self.delay_ms, self.execution_ms = 1234, 5678
@@ -155,7 +158,8 @@ class FakeRunPod:
                     self.send_bytes(200 if data else 404, data or b"", "image/png")
                     return
                 if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-                    self.send_json(401, {"error": "Unauthorized"})
+                    presented = self.headers.get("Authorization", "")
+                    self.send_json(401, {"error": f"Unauthorized: {presented}" if fake.echo_key else "Unauthorized"})
                     return
                 match = ROUTE.match(self.path)
                 if match is None or match["endpoint"] != fake.endpoint_id:
@@ -167,6 +171,8 @@ class FakeRunPod:
                 call = match["call"]
                 if call in ("run", "runsync") and method == "POST":
                     self.submit(call, body)
+                elif call == "status" and method == "GET" and fake.malformed:
+                    self.send_bytes(200, b"<html>upstream hiccup</html>", "text/html")
                 elif call == "status" and method == "GET":
                     with fake.lock:
                         job = fake.jobs.get(match["job"] or "")
@@ -194,6 +200,10 @@ class FakeRunPod:
                     self.send_json(405, {"error": "method not allowed"})
 
             def submit(self, call: str, body: bytes) -> None:
+                if fake.submit_error is not None:
+                    status, text = fake.submit_error
+                    self.send_json(status, {"error": text})
+                    return
                 if len(body) > fake.limits[call]:
                     self.send_json(400, {"error": f"payload too large: {len(body)} bytes"})
                     return

@@ -149,7 +149,7 @@ class RunPodGenerator(HTTPGenerator):
         with translate_transport_errors(self.name, self._key):
             response = await client.request(method, path, headers=headers, **kwargs)
         if response.status_code != 200:
-            detail = scrub(response.text[:300], self._key)
+            detail = scrub(response.text, self._key)[:300]  # scrubbed before it is cut
             raise error_for_status(
                 response.status_code, detail, generator=self.name, retry_after=_retry_after(response)
             )
