@@ -68,7 +68,7 @@ class GeneratorManager:
         self._cache: OrderedDict[tuple[str, str], _CacheEntry] = OrderedDict()
         self._creating: dict[tuple[str, str], asyncio.Future[_CacheEntry]] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._capabilities: dict[str, Capabilities] = {}
+        self._capabilities: dict[tuple[str, str], Capabilities] = {}
         self.scheduler = Scheduler(max_in_flight=max_in_flight)
         self._state = ManagerState.UNOPENED
 
@@ -90,12 +90,19 @@ class GeneratorManager:
             )
         return name
 
-    def capabilities(self, name: str) -> Capabilities:
-        """Capabilities from a (not opened) instance of the base config; cached."""
+    def capabilities(self, name: str, overrides: Mapping[str, Any] | None = None) -> Capabilities:
+        """Capabilities from a (not opened) instance of the config with ``overrides``; cached.
+
+        Overrides matter where they change what a generator takes (a comfyui request that picks
+        another ``workflow`` may gain reference image slots)."""
         name = self.resolve(name)
-        if name not in self._capabilities:
-            self._capabilities[name] = self._factory(name, self._configs[name]).capabilities
-        return self._capabilities[name]
+        key = (name, overrides_key(overrides or {}))
+        if key not in self._capabilities:
+            if len(self._capabilities) >= 256:  # requests choose overrides: keep the cache bounded
+                self._capabilities.clear()
+            config = self.validate_overrides(name, overrides or {})
+            self._capabilities[key] = self._factory(name, config).capabilities
+        return self._capabilities[key]
 
     def is_image_to_image(self, name: str) -> bool:
         return self.capabilities(name).image_to_image

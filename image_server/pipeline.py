@@ -98,7 +98,8 @@ class RenderPipeline:
         first_refusal: ImageServerError | None = None
         for name in names:
             try:
-                ignored[name] = check_request(self.manager.capabilities(name), request, name)
+                overrides = request.generator_config if name == primary else None
+                ignored[name] = check_request(self.manager.capabilities(name, overrides), request, name)
             except ImageServerError as exc:
                 first_refusal = first_refusal or exc
                 continue

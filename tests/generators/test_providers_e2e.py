@@ -629,3 +629,24 @@ async def test_runpod_failure_through_the_service(through_service):
         outcome = await through_service(served, prompt="x")
     assert outcome.error is not None and outcome.error.code == "generation_failed"
     assert "CUDA error: out of memory" in outcome.error.message and "SECRET_TRACE" not in outcome.error.message
+
+
+async def test_comfyui_request_picks_another_workflow_with_a_reference_slot(through_service):
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "workflows"
+    workflows = {
+        "sd15": {"file": "sd15_text_to_image.json", "inputs": {"prompt": "6.inputs.text"}},
+        "i2i": {"file": "sdxl_img2img.json", "inputs": {"reference_images": ["10.inputs.image"]}},
+    }
+    with serve("comfyui", workflows_dir=str(fixtures), workflows=workflows, workflow="sd15") as served:
+        outcome = await through_service(
+            served,
+            prompt="a red fox",
+            reference_images=[ImageSource(image_data=png_data_uri())],
+            generator_config={"workflow": "i2i"},
+        )
+        uploaded = [name for (kind, _, name) in served.fake.files if kind == "input"]
+        wrong = await through_service(served, request_id="e2e-2", prompt="x", generator_config={"workflow": "nope"})
+    assert outcome.ready.applied["workflow"] == "i2i" and outcome.ready.applied["reference_images"] == 1
+    assert uploaded == ["ref1.png"]
+    assert wrong.error is not None and wrong.error.code == "invalid_request"
+    assert "unknown workflow 'nope'; allowed: i2i, sd15" in wrong.error.message
