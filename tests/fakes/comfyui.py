@@ -79,6 +79,7 @@ class FakeComfyUI:
         self.foreign_events = False
         self.drop_websocket_after: int | None = None  # close every socket after this many messages
         self.refuse: int | None = None  # answer POST /prompt with this status (e.g. 503 while restarting)
+        self.lose_prompts = False  # accept prompts, then forget them (a server that restarted)
         self.honour_prompt_id = True  # False: an older ComfyUI that assigns its own prompt ids
         self.nonsense_prompt = False  # 200 from POST /prompt without a prompt_id
 
@@ -294,7 +295,8 @@ class FakeComfyUI:
         outputs = [i for i, node in graph.items() if node["class_type"] in OUTPUT_CLASSES]
         number = self.engine.counter
         self.engine.counter += 1
-        self.engine.submit(Prompt(number, prompt_id, graph, request.get("client_id", ""), outputs))
+        if not self.lose_prompts:
+            self.engine.submit(Prompt(number, prompt_id, graph, request.get("client_id", ""), outputs))
         handler.send_json(200, {"prompt_id": prompt_id, "number": number, "node_errors": {}})
 
     def _validate(self, graph: dict[str, Any]) -> dict[str, Any]:

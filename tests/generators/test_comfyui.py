@@ -210,6 +210,22 @@ async def test_a_render_after_a_dropped_websocket_connects_again(fake, workflows
     assert sum(p.startswith("/history/") for p in fake.paths("GET")) >= 1
 
 
+async def test_a_prompt_the_server_forgot_is_a_retryable_failure_not_a_hang(fake, workflows):
+    fake.lose_prompts = True
+    async with make(fake, workflows, websocket=False) as generator:
+        async with asyncio.timeout(DEADLINE):
+            with pytest.raises(
+                GenerationFailed, match="ComfyUI no longer knows prompt .* \\(restarted\\?\\)"
+            ) as caught:
+                await generator.generate(job())
+    assert caught.value.retryable
+    assert fake.paths("GET")[-3:] == [
+        f"/history/{fake.requests[-3].path.rsplit('/', 1)[1]}",
+        "/queue",
+        fake.paths("GET")[-1],
+    ]
+
+
 async def test_polling_only_when_the_websocket_is_off(fake, workflows):
     async with make(fake, workflows, websocket=False) as generator:
         result = await generator.generate(job())

@@ -24,6 +24,7 @@ from image_server.generators.comfyui.wire import (
     execution_failed,
     history_entry,
     interrupted,
+    queue_ids,
 )
 from image_server.generators.http import error_for_status, translate_transport_errors
 
@@ -74,14 +75,18 @@ async def follow_events(
 
 
 async def poll_history(client: httpx.AsyncClient, prompt_id: str, *, interval: float, generator: str) -> HistoryEntry:
-    """``GET /history/{id}`` until the prompt has an entry; riding out a few failed polls."""
+    """``GET /history/{id}`` until the prompt has an entry, riding out a few failed polls.
+
+    A prompt with no history that is neither running nor queued is gone (the server restarted
+    and forgot it): that is a retryable failure, not a wait until the request times out.
+    """
     failures = 0
     while True:
         try:
-            with translate_transport_errors(generator):
-                response = await client.get(f"/history/{prompt_id}")
-            if response.status_code != 200:
-                raise error_for_status(response.status_code, "polling /history failed", generator=generator)
+            entry = await _history(client, prompt_id, generator=generator)
+            known = entry is not None or await _queued(client, prompt_id, generator=generator)
+            if not known:
+                entry = await _history(client, prompt_id, generator=generator)  # it may have just finished
             failures = 0
         except GenerationFailed as exc:
             failures += 1
@@ -89,7 +94,34 @@ async def poll_history(client: httpx.AsyncClient, prompt_id: str, *, interval: f
                 raise
             logger.info("%s: /history poll failed (%s); polling on", generator, exc)
         else:
-            entry = history_entry(response.content, prompt_id, generator=generator)
             if entry is not None:
                 return entry
+            if not known:
+                raise GenerationFailed(
+                    f"{generator}: ComfyUI no longer knows prompt {prompt_id} (restarted?)",
+                    generator=generator,
+                    retryable=True,
+                )
         await asyncio.sleep(interval)
+
+
+async def _history(client: httpx.AsyncClient, prompt_id: str, *, generator: str) -> HistoryEntry | None:
+    with translate_transport_errors(generator):
+        response = await client.get(f"/history/{prompt_id}")
+    if response.status_code != 200:
+        raise error_for_status(response.status_code, "polling /history failed", generator=generator)
+    return history_entry(response.content, prompt_id, generator=generator)
+
+
+async def _queued(client: httpx.AsyncClient, prompt_id: str, *, generator: str) -> bool:
+    with translate_transport_errors(generator):
+        response = await client.get("/queue")
+    if response.status_code != 200:
+        raise error_for_status(response.status_code, "reading /queue failed", generator=generator)
+    try:
+        running, pending = queue_ids(response.content)
+    except ValueError as exc:
+        raise GenerationFailed(
+            f"{generator}: ComfyUI answered /queue with malformed JSON", generator=generator
+        ) from exc
+    return prompt_id in running or prompt_id in pending
