@@ -219,11 +219,8 @@ async def test_a_prompt_the_server_forgot_is_a_retryable_failure_not_a_hang(fake
             ) as caught:
                 await generator.generate(job())
     assert caught.value.retryable
-    assert fake.paths("GET")[-3:] == [
-        f"/history/{fake.requests[-3].path.rsplit('/', 1)[1]}",
-        "/queue",
-        fake.paths("GET")[-1],
-    ]
+    (prompt_id,) = [r.json()["prompt_id"] for r in fake.requests if r.path == "/prompt"]
+    assert fake.paths("GET") == [f"/history/{prompt_id}", "/queue", f"/history/{prompt_id}"]  # one poll, then given up
 
 
 async def test_polling_only_when_the_websocket_is_off(fake, workflows):
