@@ -16,6 +16,7 @@ from image_server.errors import GenerationFailed, GenerationTimeout, RateLimited
 from image_server.generators.base import ReferenceImage, RenderJob
 from image_server.generators.registry import validate_generator_config
 from image_server.generators.runpod import RunPodConfig, RunPodGenerator
+from image_server.generators.runpod.wire import poll_delays
 from schemas import RenderRequest
 from tests.fakes.runpod import FakeRunPod
 from tests.generators.test_comfyui import SD15, SDXL_I2I
@@ -74,6 +75,12 @@ async def test_run_then_poll_builds_the_workflow_and_reports_runpod_timings(fake
     paths = [(r.method, r.path) for r in fake.requests]
     assert paths[0] == ("POST", f"/{fake.endpoint_id}/run")
     assert all(r.headers["Authorization"] == f"Bearer {KEY}" for r in fake.requests)
+
+
+def test_status_polls_back_off_to_the_configured_maximum():
+    delays = poll_delays(1.0, 1.5, 5.0)
+    assert [next(delays) for _ in range(7)] == [1.0, 1.5, 2.25, 3.375, 5.0, 5.0, 5.0]
+    assert next(poll_delays(9.0, 2.0, 5.0)) == 5.0  # a first wait above the maximum is capped too
 
 
 async def test_references_travel_in_input_images_and_load_image_takes_their_names(fake, folder):

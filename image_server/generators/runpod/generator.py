@@ -42,6 +42,7 @@ from image_server.generators.runpod.wire import (
     fit_payload,
     output_images,
     parse_job,
+    poll_delays,
     reference_name,
 )
 from image_server.generators.workflow import build_graph, workflow_capabilities
@@ -124,13 +125,13 @@ class RunPodGenerator(HTTPGenerator):
         path = "/runsync" if self.config.mode == "runsync" else "/run"
         current = await self._call(client, "POST", path, content=body)
         try:
-            interval, said = self.config.poll_interval_s, ""
+            config, said = self.config, ""
+            delays = poll_delays(config.poll_interval_s, config.poll_backoff, config.poll_max_interval_s)
             while current.status not in TERMINAL:
                 if (message := STATUS_MESSAGES.get(current.status, current.status)) != said:
                     job.progress(None, message)
                     said = message
-                await asyncio.sleep(interval)
-                interval = min(interval * self.config.poll_backoff, self.config.poll_max_interval_s)
+                await asyncio.sleep(next(delays))
                 current = await self._call(client, "GET", f"/status/{current.id}")
         except asyncio.CancelledError:
             self._cancel_soon(client, current.id)

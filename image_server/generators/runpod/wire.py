@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,14 @@ from image_server.generators.workflow import Graph
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 MAX_DETAIL_CHARS = 300
+
+
+def poll_delays(first: float, backoff: float, maximum: float) -> Iterator[float]:
+    """Waits before each /status poll: ``first``, growing by ``backoff``, capped at ``maximum``."""
+    delay = min(first, maximum)
+    while True:
+        yield delay
+        delay = min(delay * backoff, maximum)
 
 
 def reference_name(request_id: str, index: int, fmt: str) -> str:
