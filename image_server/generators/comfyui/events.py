@@ -18,8 +18,7 @@ import uuid
 from collections import deque
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import WebSocketException
+import aiohttp
 
 logger = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # preview frames of big renders
@@ -35,7 +34,8 @@ class EventHub:
         self.open_timeout = open_timeout
         self._subscribers: dict[str, asyncio.Queue[Event]] = {}
         self._unrouted: deque[tuple[str, dict[str, Any]]] = deque(maxlen=UNROUTED_KEPT)
-        self._socket: ClientConnection | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._reader: asyncio.Task[None] | None = None
         self._connecting = asyncio.Lock()
 
@@ -43,11 +43,15 @@ class EventHub:
         """A queue of ``prompt_id``'s events, or None when no socket can be opened (poll instead)."""
         async with self._connecting:
             if self._socket is None:
+                if self._session is None:
+                    self._session = aiohttp.ClientSession()
+                timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.open_timeout)
                 try:
-                    self._socket = await connect(
-                        self.url, max_size=MAX_MESSAGE_BYTES, open_timeout=self.open_timeout, compression=None
-                    )
-                except (WebSocketException, OSError, TimeoutError) as exc:
+                    async with asyncio.timeout(self.open_timeout):
+                        self._socket = await self._session.ws_connect(
+                            self.url, timeout=timeout, max_msg_size=MAX_MESSAGE_BYTES, compress=0
+                        )
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     logger.warning("%s: no websocket (%s); polling /history instead", self.name, exc)
                     return None
                 self._reader = asyncio.get_running_loop().create_task(self._read(self._socket))
@@ -69,13 +73,13 @@ class EventHub:
             if prompt_id == assigned:
                 queue.put_nowait(event)
 
-    async def _read(self, socket: ClientConnection) -> None:
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         try:
-            async for message in socket:
-                if isinstance(message, bytes):
-                    continue  # a preview image: 4-byte event type, 4-byte format, then the bytes
+            async for message in socket:  # ends on a close frame or a dropped connection
+                if message.type is not aiohttp.WSMsgType.TEXT:
+                    continue  # binary: a preview image (4-byte event type, 4-byte format, bytes)
                 try:
-                    event = json.loads(message)
+                    event = json.loads(message.data)
                     prompt_id = event["data"].get("prompt_id")
                 except (ValueError, TypeError, KeyError, AttributeError):
                     logger.debug("%s: ignoring a websocket frame that is not an event", self.name)
@@ -87,7 +91,9 @@ class EventHub:
                     queue.put_nowait(event)
                 else:
                     self._unrouted.append((prompt_id, event))
-        except (WebSocketException, OSError) as exc:
+            if self._socket is socket:  # not closed by aclose(): the server went away
+                logger.warning("%s: websocket closed (%s)", self.name, socket.exception() or socket.close_code)
+        except (aiohttp.ClientError, OSError) as exc:
             logger.warning("%s: websocket lost (%s)", self.name, exc)
         finally:
             if self._socket is socket:
@@ -96,11 +102,13 @@ class EventHub:
                 queue.put_nowait(None)
 
     async def aclose(self) -> None:
-        reader, socket = self._reader, self._socket
-        self._reader = self._socket = None
+        reader, socket, session = self._reader, self._socket, self._session
+        self._reader = self._socket = self._session = None
         if socket is not None:
             await socket.close()
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+        if session is not None:
+            await session.close()
