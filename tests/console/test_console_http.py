@@ -14,7 +14,6 @@ from PIL import Image
 
 from image_server.config import build_config
 from image_server.errors import ConfigError
-from tests.fakes.images import solid_bytes
 
 DEADLINE = 10.0
 
@@ -59,18 +58,31 @@ async def test_writes_need_the_console_header(console_factory):
         assert not running.console.state.sent
 
 
+def _half_black_half_white(size: tuple[int, int] = (256, 192)) -> bytes:
+    image = Image.new("RGB", size, (0, 0, 0))
+    image.paste((255, 255, 255), (size[0] // 2, 0, size[0], size[1]))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _brightness(image: Image.Image, box: tuple[int, int, int, int]) -> float:
+    value = image.convert("L").crop(box).resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    assert isinstance(value, int | float)
+    return float(value)
+
+
 async def test_form_render_with_reference_upload(console_factory):
     async with console_factory() as running, httpx.AsyncClient(base_url=running.url) as http:
-        reference = solid_bytes((0, 200, 0), size=(256, 256))
         answer = await http.post(
             "/console/render",
             headers={"X-Console": "1"},
             files={
-                "prompt": (None, "a green field"),
+                "prompt": (None, "a field"),
                 "generator": (None, "mock"),
                 "width": (None, "256"),
                 "height": (None, "192"),
-                "image": ("ref.png", reference, "image/png"),
+                "image": ("ref.png", _half_black_half_white(), "image/png"),
             },
         )
         assert answer.status_code == 202, answer.text
@@ -82,10 +94,11 @@ async def test_form_render_with_reference_upload(console_factory):
         assert card.image is not None
         image = await http.get(f"/console/image/{card.image}")
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
-        # The mock blends the first reference in: the green of the upload shows in the result.
+        # The mock blends the first reference in (half and half): the uploaded black|white split
+        # shows in the result, whose own background is one solid colour.
         with Image.open(io.BytesIO(image.content)) as result:
-            red, green, blue = result.convert("RGB").resize((1, 1)).getpixel((0, 0))
-        assert green > red and green > blue
+            left, right = _brightness(result, (0, 0, 40, 192)), _brightness(result, (216, 0, 256, 192))
+        assert right - left > 100
 
 
 @pytest.mark.parametrize(
