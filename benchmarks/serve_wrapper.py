@@ -4,7 +4,9 @@
   request costs only the service's own work (sockets, validation, journal, storage);
 - ``BENCH_MODULES_DUMP=<path>``: on SIGUSR1, write the sorted top-level names of
   ``sys.modules`` to that file (which SDKs an idle service has imported);
-- ``BENCH_PROFILE=<path>``: run under cProfile and write the stats there on exit.
+- ``BENCH_PROFILE=<path>``: run under cProfile and write the stats there on exit;
+- ``BENCH_DEBUG_LOGGERS=a,b``: those loggers at DEBUG whatever ``--log-level`` says (the
+  diffusers generator's per-render pipeline time, without every library's debug lines).
 
     python benchmarks/serve_wrapper.py --config cfg.toml serve
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import sys
@@ -71,6 +74,8 @@ def _dump_modules(signum: int, frame: FrameType | None) -> None:
 
 if __name__ == "__main__":
     register_generator("ready", ReadyGenerator)
+    for name in filter(None, os.environ.get("BENCH_DEBUG_LOGGERS", "").split(",")):
+        logging.getLogger(name).setLevel(logging.DEBUG)  # the CLI's dictConfig keeps existing loggers' levels
     if os.environ.get("BENCH_MODULES_DUMP"):
         signal.signal(signal.SIGUSR1, _dump_modules)
     if os.environ.get("BENCH_PROFILE"):

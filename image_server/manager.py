@@ -147,6 +147,13 @@ class GeneratorManager:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
+    async def preload(self) -> None:
+        """Open now every generator whose config asks for it (``preload = true``), so a model
+        that does not load fails at start-up, not on the first request."""
+        for name, config in self._configs.items():
+            if getattr(config, "preload", False):
+                self._checkin(await self._checkout(name, {}))
+
     async def aclose(self) -> None:
         """Close every cached generator (idempotent)."""
         if self._state is ManagerState.CLOSED:

@@ -142,6 +142,7 @@ class ImageService:
                 self.endpoints[role] = bound_endpoint(socket)
         self._publisher = make_publisher(events, self.config, observer=self.metrics.observe)
         await stack.enter_async_context(self.manager)
+        await self.manager.preload()  # a model that does not load fails the start (exit 3)
         http_client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
         self._pipeline = RenderPipeline(
             self.manager,

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a failure while running; for `health`: not ready
 EXIT_CONFIG = 2  # invalid config file, environment variable or flag (argparse's usage errors too)
-EXIT_GENERATOR = 3  # a configured generator cannot be loaded (its extra is not installed)
+EXIT_GENERATOR = 3  # a configured generator cannot be loaded (its extra is not installed, or a preloaded model)
 EXIT_ADDRESS = 4  # a socket or HTTP address is in use or cannot be bound
 EXIT_DIRECTORY = 5  # output_dir or state_dir not writable
 EXIT_KEYS = 6  # CURVE key files missing, unreadable or readable by others
@@ -86,4 +86,6 @@ def startup_failure(exc: BaseException) -> StartupError | None:
         return StartupError(f"cannot bind the HTTP listener: {exc.strerror or exc}", EXIT_ADDRESS)
     if isinstance(exc, ConfigError):
         return config_failure(exc)
+    if isinstance(exc, GeneratorUnavailable):  # a generator with preload = true whose model does not load
+        return StartupError(exc.message, EXIT_GENERATOR)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +20,10 @@ from image_server.generators.base import Generator, GeneratorConfig
 from image_server.manager import GeneratorManager
 from image_server.service import ImageService
 from schemas import ServiceStatus, StatusRequest, decode_frames, encode_message
+
+# No test reaches a model hub: huggingface_hub reads these when it is first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 LOOPBACK = {
     "requests": {"kind": "sub", "bind": "tcp://127.0.0.1:0"},

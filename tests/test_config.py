@@ -114,6 +114,7 @@ EXAMPLE_NAMES = {
     "invokeai_flux",
     "comfy",
     "runpod",
+    "local_sdxl_turbo",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -147,8 +148,9 @@ def example_count() -> int:
 
 
 def test_examples_stay_comments_in_the_shipped_config():
-    # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai, comfyui, runpod
-    assert example_count() == 10
+    # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai, comfyui, runpod,
+    # diffusers
+    assert example_count() == 11
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -179,6 +181,7 @@ def test_all_examples_uncommented_validate(optional):
         "invokeai",
         "comfyui",
         "runpod",
+        "diffusers",
     }
     assert {generators[n].endpoint for n in by_strategy["fal"]} == set(KNOWN_ENDPOINTS)
     assert {generators[n].model for n in by_strategy["openai"]} == {"gpt-image-2"}
@@ -201,6 +204,7 @@ def test_all_examples_uncommented_validate(optional):
         "runware",
         "invokeai_sdxl",
         "invokeai_flux",
+        "local_sdxl_turbo",
     }
 
 

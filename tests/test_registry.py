@@ -62,7 +62,7 @@ def test_register_and_refuse_duplicates():
 
 def test_unknown_and_broken_strategies_explain_themselves():
     with pytest.raises(
-        GeneratorUnavailable, match="unknown strategy 'nope'; known strategies: cloudflare, comfyui, fal"
+        GeneratorUnavailable, match="unknown strategy 'nope'; known strategies: cloudflare, comfyui, diffusers, fal"
     ):
         get_generator_class("nope")
     register_generator("broken", "image_server.not_a_module:Thing")

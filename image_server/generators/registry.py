@@ -30,7 +30,11 @@ _BUILTINS: dict[str, str] = {
     "invokeai": "image_server.generators.invokeai:InvokeAIGenerator",
     "comfyui": "image_server.generators.comfyui:ComfyUIGenerator",
     "runpod": "image_server.generators.runpod:RunPodGenerator",
+    "diffusers": "image_server.generators.diffusers:DiffusersGenerator",
 }
+
+# The optional extra a strategy's dependencies come in, where its name differs from the strategy's.
+_EXTRAS: dict[str, str] = {"diffusers": "local"}
 
 _registry: dict[str, str | type[Generator]] = dict(_BUILTINS)
 strategies: Mapping[str, str | type[Generator]] = MappingProxyType(_registry)
@@ -78,7 +82,7 @@ def get_generator_class(strategy: str) -> type[Generator]:
         except ImportError as exc:
             raise GeneratorUnavailable(
                 f"strategy {strategy!r} could not be imported ({exc}); is its extra installed? "
-                f"try: uv sync --extra {strategy}"
+                f"try: uv sync --extra {_EXTRAS.get(strategy, strategy)}"
             ) from exc
         cls = getattr(module, attr)
         if not (isinstance(cls, type) and issubclass(cls, Generator)):
