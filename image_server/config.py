@@ -63,8 +63,12 @@ class LimitsConfig(_Section):
     # Larger inbound messages get RenderError(invalid_request); libzmq itself drops (with a
     # disconnect, and no error to the sender) anything over twice this, before buffering it.
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
-    # Requests in flight or queued per reply_to (clients without one share a bucket); 0 = no cap.
+    # Requests in flight or queued per client (its CURVE key with CURVE on, else its reply_to;
+    # clients without one share a bucket); 0 = no cap beyond the share below.
     max_in_flight_per_client: int = Field(default=0, ge=0)
+    # No client may hold more than this fraction of max_in_flight + max_queued, so one client's
+    # flood leaves room for the others (1.0: a client may take everything).
+    max_client_share: float = Field(default=0.5, gt=0, le=1)
     cache_size: int = Field(default=8, ge=1, le=1000)
 
 
@@ -92,7 +96,15 @@ class JournalConfig(_Section):
 
     enabled: bool = True
     retention_s: float = Field(default=7 * 24 * 3600, ge=0)
+    # A failed or refused request's body (the request as sent) is kept this long for a look at
+    # what went wrong; a successful one's goes when it finishes. Its terminal event stays.
+    failed_body_retention_s: float = Field(default=3600, ge=0)
+    # Beyond this many bytes new requests end with RenderError(overloaded) naming the quota.
+    max_bytes: int | None = Field(default=2 * 1024**3, ge=1024 * 1024)
     prune_interval_s: float = Field(default=3600, gt=0)
+    # After a restart, a resumed request's result waits up to this long for a subscriber to
+    # its topic (the XPUB sees subscriptions), so clients coming back hear it.
+    resume_grace_s: float = Field(default=5.0, ge=0, le=600)
 
 
 class HttpConfig(_Section):

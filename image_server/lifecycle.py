@@ -1,28 +1,31 @@
 """The life of each request inside the service, from admission to its one terminal event.
 
 ``RequestTracker`` owns the requests in flight (keyed by request id, one task each),
-journals them before ``RenderAccepted`` and their terminal event before publishing it,
-answers repeats, ends requests early (cancel, supersede, clear_queue) and resumes what a
-previous run left unfinished.
+admits or refuses them (capacity and each client's fair share), ends them early (cancel,
+supersede, clear_queue: each only for its own client) and resumes what a previous run
+left unfinished. Every ``RenderAccepted`` and terminal event goes through the ``Outbox``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from image_server.config import LimitsConfig
+from image_server.config import LimitsConfig, ReferencesConfig
 from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Overloaded, Superseded
-from image_server.journal import Admission as Recorded, Journal
+from image_server.identity import Ticket, owner_key
+from image_server.journal import QuotaExceeded, Recording
+from image_server.outbox import Outbox, Terminal
 from image_server.outcomes import error_event
-from image_server.pipeline import Admission, RenderPipeline
+from image_server.pipeline import RenderPipeline, RenderPlan
+from image_server.precheck import precheck_embedded_references
 from image_server.progress import ProgressThrottle
-from image_server.publisher import EventPublisher
-from schemas import MESSAGE_ADAPTER, ImageReady, RenderAccepted, RenderError, RenderProgress, RenderRequest
+from schemas import RenderError, RenderProgress, RenderRequest
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Active:
     request: RenderRequest
-    generator: str
+    ticket: Ticket
+    plan: RenderPlan
     received_at: float
     task: asyncio.Task[None] | None = None
     accepted: bool = False  # journaled and RenderAccepted published
@@ -39,48 +43,66 @@ class Active:
     started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
     raw: bytes | bytearray | None = None  # the request's JSON as received, journaled as is
     frames: Sequence[bytes | bytearray] = ()  # images sent as extra frames (ImageSource.frame)
+    resumed: bool = False  # taken up again from the journal after a restart
+
+    @property
+    def generator(self) -> str:
+        return self.plan.generator
 
 
 class RequestTracker:
     def __init__(
         self,
         pipeline: RenderPipeline,
-        publisher: EventPublisher,
-        journal: Journal | None,
+        outbox: Outbox,
         limits: LimitsConfig,
+        references: ReferencesConfig,
         counters: Counter[str],
     ) -> None:
         self.pipeline = pipeline
-        self.publisher = publisher
-        self.journal = journal
+        self.outbox = outbox
         self.limits = limits
+        self.references = references
         self.counters = counters
         self.scheduler = pipeline.manager.scheduler
         self.active: dict[str, Active] = {}
-        self._channels: dict[str, str] = {}
+        self._channels: dict[tuple[str, str], str] = {}  # (owner, channel) -> request id
         self._per_client: Counter[str] = Counter()
+        self._refusing: set[asyncio.Task[None]] = set()
 
     @property
     def queued(self) -> int:
         return len(self.active) - self.scheduler.in_flight
 
+    @property
+    def capacity(self) -> int:
+        return self.limits.max_in_flight + self.limits.max_queued
+
     def tasks(self) -> list[asyncio.Task[None]]:
-        return [a.task for a in self.active.values() if a.task is not None]
+        return [a.task for a in self.active.values() if a.task is not None] + list(self._refusing)
 
     # -- arrival ----------------------------------------------------------------------
 
     async def on_render(
-        self, request: RenderRequest, raw: bytes | bytearray | None = None, frames: Sequence[bytes | bytearray] = ()
+        self,
+        request: RenderRequest,
+        raw: bytes | bytearray | None = None,
+        frames: Sequence[bytes | bytearray] = (),
+        *,
+        user_id: str | None = None,
     ) -> None:
-        """Admit (or refuse) a request; ``raw`` is its JSON as received, if at hand, and
-        ``frames`` the message's extra frames."""
+        """Admit (or refuse) a request; ``raw`` is its JSON as received, if at hand,
+        ``frames`` the message's extra frames and ``user_id`` its sender's CURVE identity."""
         rid = request.request_id
+        ticket = Ticket(rid, owner_key(user_id, request.reply_to), request.reply_to)
         active = self.active.get(rid)
         if active is not None:
-            # Idempotency: a repeat of a request in flight only gets its acceptance again
-            # (once it is journaled; until then the client's next re-send will do).
-            if active.accepted:
-                await self._publish_accepted(active)
+            if active.ticket.owner != ticket.owner:
+                await self.outbox.conflict(ticket, "another client's request holds this id; this message was ignored")
+            elif active.accepted:
+                # Idempotency: a repeat of a request in flight only gets its acceptance again
+                # (once it is journaled; until then the client's next re-send will do).
+                await self.outbox.accepted(active.ticket, active.generator, self._position(active))
             return
         try:
             missing = sorted(index for index in request.frames_used() if index >= len(frames))
@@ -89,67 +111,86 @@ class RequestTracker:
                     f"image frame(s) {missing} not in the message: it has {len(frames)} extra frame(s)",
                     request_id=rid,
                 )
-            admission = self.pipeline.admit(request)
-            self._check_capacity(request)
+            plan = self.pipeline.admit(request, client=ticket.owner)
+            self._check_capacity(ticket)
         except ImageServerError as exc:
             self.counters["rejected"] += 1
             logger.info("! %s refused: %s", rid, exc.message)
-            await self.publisher.publish(
-                error_event(exc, request, generator=request.generator), reply_to=request.reply_to
-            )
+            self.refuse(ticket, error_event(exc, request, generator=request.generator))
             return
-        active = Active(request, admission.generator, time.perf_counter(), raw=raw, frames=frames)
+        active = Active(request, ticket, plan, time.perf_counter(), raw=raw, frames=frames)
         self._track(active)
-        active.task = asyncio.create_task(self._admit_and_run(active, admission), name=f"render:{rid}")
+        active.task = asyncio.create_task(self._admit_and_run(active), name=f"render:{rid}")
 
-    def _check_capacity(self, request: RenderRequest) -> None:
-        limits = self.limits
-        if len(self.active) >= limits.max_in_flight + limits.max_queued:
+    def refuse(self, ticket: Ticket, event: RenderError) -> None:
+        """Answer a message that was not admitted. On its own task: the Outbox asks the journal
+        whether the id is taken, and the receive loop must not wait for that."""
+        task = asyncio.create_task(self.outbox.refuse(ticket, event), name=f"refuse:{ticket.request_id}")
+        self._refusing.add(task)
+        task.add_done_callback(self._refusing.discard)
+
+    def _check_capacity(self, ticket: Ticket) -> None:
+        if len(self.active) >= self.capacity:
             raise Overloaded(f"service is at capacity ({len(self.active)} requests); try again later")
-        per_client = limits.max_in_flight_per_client
-        if per_client and self._per_client[request.reply_to or ""] >= per_client:
+        held = self._per_client[ticket.owner]
+        share = math.ceil(self.limits.max_client_share * self.capacity)
+        cap = min(share, self.limits.max_in_flight_per_client or share)
+        if held >= cap:
+            who = ticket.owner or "anonymous clients"
             raise Overloaded(
-                f"client {request.reply_to or '(no reply_to)'} already has {per_client} requests in flight; "
-                "wait for some to finish"
+                f"client {who} already has {held} requests queued or in flight, its share of {cap} "
+                "(limits.max_client_share, limits.max_in_flight_per_client); wait for some to finish"
             )
 
-    async def _admit_and_run(self, active: Active, admission: Admission) -> None:
-        """Journal the request, publish RenderAccepted, then render (or answer a repeat)."""
+    async def _admit_and_run(self, active: Active) -> None:
+        """Check what is cheap, journal the request, publish RenderAccepted, then render (or
+        answer a repeat)."""
         if await self._ended_before_start(active):
             return
         request = active.request
-        if self.journal is not None:
-            try:
-                # Re-serializing a request with megabytes of inline images would hold the
-                # loop for tens of ms; the bytes as received say the same.
-                request_json = active.raw if active.raw is not None else request.model_dump_json().encode()
-                active.raw = None
-                recorded = await self.journal.admit(request.request_id, active.generator, request_json, active.frames)
-            except asyncio.CancelledError:
-                if active.end_reason is None:
-                    raise
-                await asyncio.shield(self._publish_terminal(active, error_event(active.end_reason, request)))
-                return
-            except Exception:
-                # Not journaled means not accepted: say so rather than strand the request.
-                logger.exception("! %s: the journal could not record it", request.request_id)
-                self._untrack(active)
-                failure = RenderError(
-                    request_id=request.request_id,
-                    code="internal",
-                    message="the service could not journal the request; try again",
-                    retryable=True,
-                    metadata=request.metadata,
-                )
-                await self.publisher.publish(failure, reply_to=request.reply_to)
-                return
-            if recorded.admission is Recorded.FINISHED:
-                # A repeat of a finished request: the stored terminal event, same content.
-                self._untrack(active)
-                self.counters["repeated"] += 1
-                stored = MESSAGE_ADAPTER.validate_json(recorded.entry.terminal or "")
-                await self.publisher.publish(stored, reply_to=request.reply_to, blobs=recorded.blobs)
-                return
+        try:
+            # Before journaling: a request whose embedded images are broken or too big must
+            # not cost the disk its megabytes (only a small refusal row is kept).
+            await asyncio.to_thread(precheck_embedded_references, request, active.frames, self.references)
+            # Re-serializing a request with megabytes of inline images would hold the loop
+            # for tens of ms; the bytes as received say the same.
+            body = active.raw if active.raw is not None else request.model_dump_json().encode()
+            active.raw = None
+            recorded = await self.outbox.record(active.ticket, active.generator, body, active.frames)
+        except asyncio.CancelledError:
+            if active.end_reason is None:
+                raise
+            await asyncio.shield(self._finish(active, error_event(active.end_reason, request)))
+            return
+        except ImageServerError as exc:
+            await self._finish(active, error_event(exc, request, generator=active.generator))
+            return
+        except QuotaExceeded as exc:
+            logger.warning("! %s refused: %s", request.request_id, exc)
+            await self._finish(active, error_event(Overloaded(f"not accepted: {exc}"), request))
+            return
+        except Exception:
+            # Not journaled means not accepted: say so rather than strand the request.
+            logger.exception("! %s: the journal could not record it", request.request_id)
+            failure = RenderError(
+                request_id=request.request_id,
+                code="internal",
+                message="the service could not journal the request; try again",
+                retryable=True,
+                metadata=request.metadata,
+            )
+            await self._finish(active, failure)
+            return
+        if recorded is not None and recorded.state is Recording.FINISHED:
+            self._untrack(active)
+            self.outbox.release(active.ticket)
+            await self.outbox.replay(active.ticket, recorded)
+            return
+        await self._accept(active)
+        await self._run(active)
+
+    async def _accept(self, active: Active) -> None:
+        request = active.request
         self.counters["accepted"] += 1
         logger.info(
             "→ %s accepted for %s",
@@ -158,37 +199,39 @@ class RequestTracker:
             extra={"request_id": request.request_id, "generator": active.generator},
         )
         if request.clear_queue:
-            self._end_queued(Superseded("cleared by a request with clear_queue", request_id=request.request_id))
+            self._end_queued(active, Superseded("cleared by a request with clear_queue", request_id=request.request_id))
         if request.channel:
-            self._supersede_channel(request)
+            self._supersede_channel(active)
         active.accepted = True
-        await self._publish_accepted(active)
-        await self._run(active, admission)
+        await self.outbox.accepted(active.ticket, active.generator, self._position(active))
 
-    async def _publish_accepted(self, active: Active) -> None:
-        position = self.scheduler.position(active.request.request_id) or 0
-        accepted = RenderAccepted(
-            request_id=active.request.request_id, generator=active.generator, queue_position=position
-        )
-        await self.publisher.publish(accepted, reply_to=active.request.reply_to)
+    def _position(self, active: Active) -> int:
+        return self.scheduler.position(active.request.request_id) or 0
 
     def _track(self, active: Active) -> None:
+        self.outbox.hold(active.ticket)
         self.active[active.request.request_id] = active
-        self._per_client[active.request.reply_to or ""] += 1
+        self._per_client[active.ticket.owner] += 1
 
     def _untrack(self, active: Active) -> None:
-        if self.active.pop(active.request.request_id, None) is not None:
-            key = active.request.reply_to or ""
+        if self.active.get(active.request.request_id) is active:
+            del self.active[active.request.request_id]
+            key = active.ticket.owner
             self._per_client[key] -= 1
             if self._per_client[key] <= 0:
                 del self._per_client[key]
 
-    # -- ending requests early --------------------------------------------------------
+    # -- ending requests early: only the client's own ---------------------------------
 
-    def cancel(self, request_id: str) -> bool:
-        """End ``request_id`` with ``cancelled``; False when it is not in flight."""
+    def cancel(self, request_id: str, *, reply_to: str | None = None, user_id: str | None = None) -> bool:
+        """End ``request_id`` with ``cancelled``; False when it is not in flight or belongs to
+        another client."""
         active = self.active.get(request_id)
         if active is None:
+            return False
+        if active.ticket.owner != owner_key(user_id, reply_to):
+            self.counters["foreign_cancels"] += 1
+            logger.warning("cancel for %s refused: it belongs to another client", request_id)
             return False
         self._end(active, Cancelled("cancelled by request", request_id=request_id))
         return True
@@ -208,27 +251,29 @@ class RequestTracker:
         active.started = True
         if active.end_reason is None:
             return False
-        await self._publish_terminal(active, error_event(active.end_reason, active.request, generator=active.generator))
+        await self._finish(active, error_event(active.end_reason, active.request, generator=active.generator))
         return True
 
-    def _supersede_channel(self, request: RenderRequest) -> None:
+    def _supersede_channel(self, active: Active) -> None:
+        request = active.request
         assert request.channel is not None
-        older = self.active.get(self._channels.get(request.channel, ""))
-        if older is not None:
+        key = (active.ticket.owner, request.channel)
+        older = self.active.get(self._channels.get(key, ""))
+        if older is not None and older.ticket.owner == active.ticket.owner:
             self._end(older, Superseded(f"superseded by {request.request_id} on channel {request.channel}"))
-        self._channels[request.channel] = request.request_id
+        self._channels[key] = request.request_id
 
-    def _end_queued(self, reason: ImageServerError) -> None:
-        """End every request that has not started rendering (waiting for a slot)."""
+    def _end_queued(self, clearing: Active, reason: ImageServerError) -> None:
+        """End every request of the same client that has not started rendering."""
         for active in list(self.active.values()):
-            if active.request.request_id == reason.request_id:
+            if active is clearing or active.ticket.owner != clearing.ticket.owner:
                 continue
             if self.scheduler.position(active.request.request_id) is not None:
                 self._end(active, reason)
 
     # -- running ----------------------------------------------------------------------
 
-    async def _run(self, active: Active, admission: Admission) -> None:
+    async def _run(self, active: Active) -> None:
         request = active.request
         blobs: list[bytes] = []
         try:
@@ -237,14 +282,14 @@ class RequestTracker:
             asyncio.get_running_loop().call_soon(self._report_queued, active)
             outcome = await self.pipeline.run(
                 request,
-                admission,
+                active.plan,
                 received_at=active.received_at,
                 frames=active.frames,
                 progress=lambda stage, fraction, message, position: self._progress(
                     active, stage, fraction, message, position
                 ),
             )
-            event: ImageReady | RenderError = outcome.event
+            event: Terminal = outcome.event
             blobs = outcome.blobs
         except asyncio.CancelledError:
             if active.end_reason is None:
@@ -255,7 +300,7 @@ class RequestTracker:
         except Exception as exc:
             logger.exception("! %s failed unexpectedly", request.request_id)
             event = error_event(exc, request, generator=active.generator)
-        await asyncio.shield(self._publish_terminal(active, event, blobs))
+        await asyncio.shield(self._finish(active, event, blobs))
 
     def _report_queued(self, active: Active) -> None:
         position = self.scheduler.position(active.request.request_id)
@@ -279,29 +324,19 @@ class RequestTracker:
         )
 
     def _send_progress(self, active: Active, event: RenderProgress) -> None:
-        self.publisher.publish_nowait(event, reply_to=active.request.reply_to)
+        self.outbox.publisher.publish_nowait(event, reply_to=active.ticket.reply_to)
 
-    async def _publish_terminal(
-        self, active: Active, event: ImageReady | RenderError, blobs: Sequence[bytes] = ()
-    ) -> None:
-        """Journal the terminal event, then publish it: exactly one per accepted request."""
+    async def _finish(self, active: Active, event: Terminal, blobs: Sequence[bytes] = ()) -> None:
+        """Stop tracking ``active``; the Outbox journals its terminal event, then sends it."""
         request = active.request
         rid = request.request_id
         if active.throttle is not None:
             active.throttle.cancel()  # no progress after the terminal event
         self._untrack(active)
-        if request.channel and self._channels.get(request.channel) == rid:
-            del self._channels[request.channel]
-        if isinstance(event, ImageReady):
-            self.counters["completed"] += 1
-            logger.info(
-                "← %s %s %.2fs",
-                rid,
-                event.generator,
-                event.timings.total / 1000,
-                extra={"request_id": rid, "generator": event.generator, "duration_ms": event.timings.total},
-            )
-        else:
+        key = (active.ticket.owner, request.channel or "")
+        if request.channel and self._channels.get(key) == rid:
+            del self._channels[key]
+        if isinstance(event, RenderError):
             self.counters["failed"] += 1
             logger.info(
                 "! %s %s: %s",
@@ -310,41 +345,47 @@ class RequestTracker:
                 event.message,
                 extra={"request_id": rid, "generator": event.generator, "code": event.code},
             )
-        stamped = self.publisher.stamp(event)
-        body = stamped.model_dump_json().encode()  # once: journaled and published as the same bytes
-        if self.journal is not None:
-            total = stamped.timings.total if isinstance(stamped, ImageReady) else None
-            code = stamped.code if isinstance(stamped, RenderError) else None
-            try:
-                await self.journal.finish(rid, stamped.type, code, body, blobs, total)
-            except Exception:
-                logger.exception("journaling the terminal event of %s failed; publishing it anyway", rid)
-        await self.publisher.send(stamped, reply_to=request.reply_to, blobs=blobs, body=body)
+        else:
+            self.counters["completed"] += 1
+            logger.info(
+                "← %s %s %.2fs",
+                rid,
+                event.generator,
+                event.timings.total / 1000,
+                extra={"request_id": rid, "generator": event.generator, "duration_ms": event.timings.total},
+            )
+        await self.outbox.finish(active.ticket, event, blobs, resumed=active.resumed)
 
     # -- after a restart --------------------------------------------------------------
 
     async def resume(self) -> None:
-        """Restart every accepted request that has no terminal record (after a crash)."""
-        if self.journal is None:
+        """Restart every accepted request that has no terminal record (after a crash). Their
+        results wait for a subscriber (``Outbox``), so clients coming back hear them."""
+        journal = self.outbox.journal
+        if journal is None:
             return
-        for entry in await self.journal.unfinished():
+        for entry in await journal.unfinished():
             request = RenderRequest.model_validate_json(entry.request_json)
-            frames = await self.journal.request_frames(request.request_id) if request.frames_used() else []
-            active = Active(request, entry.generator, time.perf_counter(), accepted=True, frames=frames)
-            self._track(active)
+            frames = await journal.request_frames(request.request_id) if request.frames_used() else []
+            ticket = Ticket(request.request_id, entry.owner or owner_key(None, request.reply_to), request.reply_to)
             try:
-                admission = self.pipeline.admit(request)
+                plan = self.pipeline.admit(request, client=ticket.owner)
             except ImageServerError as exc:  # e.g. the generator was removed from the config
-                await self._publish_terminal(active, error_event(exc, request, generator=entry.generator))
+                plan = RenderPlan([entry.generator], {}, client=ticket.owner)
+                active = Active(request, ticket, plan, time.perf_counter(), accepted=True, resumed=True)
+                self._track(active)
+                await self._finish(active, error_event(exc, request, generator=entry.generator))
                 continue
+            active = Active(request, ticket, plan, time.perf_counter(), accepted=True, frames=frames, resumed=True)
+            self._track(active)
             self.counters["resumed"] += 1
             logger.info("↻ %s resumed", request.request_id)
             if request.channel:
-                self._supersede_channel(request)
-            active.task = asyncio.create_task(self._resume_one(active, admission), name=f"render:{request.request_id}")
+                self._supersede_channel(active)
+            active.task = asyncio.create_task(self._resume_one(active), name=f"render:{request.request_id}")
 
-    async def _resume_one(self, active: Active, admission: Admission) -> None:
+    async def _resume_one(self, active: Active) -> None:
         if await self._ended_before_start(active):
             return
-        await self._publish_accepted(active)
-        await self._run(active, admission)
+        await self.outbox.accepted(active.ticket, active.generator, self._position(active))
+        await self._run(active)

@@ -22,6 +22,8 @@ from pydantic import ValidationError
 from image_server.errors import GenerationTimeout, GeneratorNotFound, InvalidRequest
 from image_server.generators.base import Capabilities, GenerationResult, Generator, GeneratorConfig, RenderJob
 from image_server.generators.registry import create_generator
+from image_server.generators.scrubbing import scrubbed_errors
+from image_server.resilience import CooldownTracker
 from image_server.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class GeneratorManager:
         self._closing: set[asyncio.Task[None]] = set()
         self._capabilities: dict[tuple[str, str], Capabilities] = {}
         self.scheduler = Scheduler(max_in_flight=max_in_flight)
+        # Each generator's health (consecutive failures, cool-down) lives with its instances.
+        self.cooldowns = CooldownTracker()
         self._state = ManagerState.UNOPENED
 
     # -- names and capabilities -------------------------------------------------------
@@ -232,19 +236,24 @@ class GeneratorManager:
         *,
         overrides: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
+        config: GeneratorConfig | None = None,
     ) -> GenerationResult:
         """One attempt of ``job`` on generator ``name`` (slot already held by the caller).
 
         ``overrides`` default to the request's ``generator_config``. The timeout is the
         generator's ``timeout_s`` or ``timeout_s`` if smaller; expiry cancels the
-        generator's work and raises ``GenerationTimeout``.
+        generator's work and raises ``GenerationTimeout``. ``config`` is the one the request
+        was admitted with (resolved once); by default the configured one. Every error and
+        every text the provider wrote into the result is scrubbed of the generator's secrets
+        (``generators.scrubbing``), whatever the strategy did itself.
         """
-        config = self._configs[name]
+        config = config or self._configs[name]
         limit = config.timeout_s if timeout_s is None else min(config.timeout_s, timeout_s)
         entry = await self._checkout(name, job.request.generator_config if overrides is None else overrides)
         try:
-            async with asyncio.timeout(limit):
-                return await entry.generator.generate(job)
+            with scrubbed_errors(entry.generator) as scrub:
+                async with asyncio.timeout(limit):
+                    return scrub.result(await entry.generator.generate(job))
         except TimeoutError as exc:
             if isinstance(exc, GenerationTimeout):
                 raise
@@ -256,9 +265,9 @@ class GeneratorManager:
         finally:
             self._checkin(entry)
 
-    def slot(self, name: str, *, priority: int = 0, owner: str = "") -> Any:
+    def slot(self, name: str, *, priority: int = 0, owner: str = "", client: str = "") -> Any:
         """Async context manager holding a global slot and one of ``name``'s slots."""
-        return self.scheduler.slot(name, self._configs[name].concurrency, priority, owner=owner)
+        return self.scheduler.slot(name, self._configs[name].concurrency, priority, owner=owner, client=client)
 
     def cached(self) -> list[tuple[str, str]]:
         """Keys of cached instances, least recently used first (for status and tests)."""

@@ -17,10 +17,10 @@ import httpx
 
 from image_server.config import ReferencesConfig
 from image_server.errors import GenerationTimeout, ImageServerError
-from image_server.generators.base import GenerationResult, ReferenceImage, RenderJob, check_request
+from image_server.generators.base import GenerationResult, GeneratorConfig, ReferenceImage, RenderJob, check_request
 from image_server.manager import GeneratorManager
 from image_server.references import normalize_request_references
-from image_server.resilience import CooldownTracker, run_chain
+from image_server.resilience import run_chain
 from image_server.storage import OutputStore
 from schemas import ImageReady, RenderRequest, Timings
 
@@ -41,13 +41,16 @@ class RenderOutcome:
 
 
 @dataclass
-class Admission:
+class RenderPlan:
     """What ``RenderPipeline.admit`` decided before a request is accepted: the generators
-    to try in order (the first is the requested one, or its first capable fallback) and the
-    soft parameters each will ignore."""
+    to try in order (the first is the requested one, or its first capable fallback), the
+    config each runs with (resolved once, the request's overrides applied to the first),
+    the soft parameters each will ignore, and the client whose fair share it counts in."""
 
     chain: list[str]
     ignored: dict[str, list[str]]
+    configs: dict[str, GeneratorConfig] = field(default_factory=dict)
+    client: str = ""
 
     @property
     def generator(self) -> str:
@@ -74,23 +77,22 @@ class RenderPipeline:
         *,
         default_project: str = "default",
         http_client: httpx.AsyncClient | None = None,
-        cooldowns: CooldownTracker | None = None,
     ) -> None:
         self.manager = manager
         self.store = store
         self.references = references
         self.default_project = default_project
         self.http_client = http_client
-        self.cooldowns = cooldowns or CooldownTracker()
+        self.cooldowns = manager.cooldowns
 
-    def admit(self, request: RenderRequest) -> Admission:
+    def admit(self, request: RenderRequest, *, client: str = "") -> RenderPlan:
         """Checks that need no I/O: generators known, overrides allowed, capabilities.
 
         The chain is the requested generator, then the request's ``fallbacks`` or else the
         generator's configured ones; generators that cannot serve the request are skipped.
         """
         primary = self.manager.resolve(request.generator)
-        self.manager.validate_overrides(primary, request.generator_config)
+        configs = {primary: self.manager.validate_overrides(primary, request.generator_config)}
         fallbacks = request.fallbacks or self.manager.config(primary).fallbacks
         names = list(dict.fromkeys([primary, *(self.manager.resolve(name) for name in fallbacks)]))
         chain: list[str] = []
@@ -104,15 +106,16 @@ class RenderPipeline:
                 first_refusal = first_refusal or exc
                 continue
             chain.append(name)
+            configs.setdefault(name, self.manager.config(name))
         if not chain:
             assert first_refusal is not None
             raise first_refusal
-        return Admission(chain, ignored)
+        return RenderPlan(chain, ignored, {name: configs[name] for name in chain}, client)
 
     async def run(
         self,
         request: RenderRequest,
-        admission: Admission,
+        plan: RenderPlan,
         *,
         received_at: float | None = None,
         progress: ProgressSink = _ignore_progress,
@@ -122,20 +125,20 @@ class RenderPipeline:
         timer = _Timer(time.perf_counter() if received_at is None else received_at)
         try:
             async with asyncio.timeout(request.timeout_s):
-                return await self._run(request, admission, timer, progress, frames)
+                return await self._run(request, plan, timer, progress, frames)
         except TimeoutError as exc:
             if isinstance(exc, ImageServerError):
                 raise
             raise GenerationTimeout(
                 f"request did not finish within its timeout_s of {request.timeout_s:g} s",
                 request_id=request.request_id,
-                generator=admission.generator,
+                generator=plan.generator,
             ) from exc
 
     async def _run(
         self,
         request: RenderRequest,
-        admission: Admission,
+        plan: RenderPlan,
         timer: _Timer,
         progress: ProgressSink,
         frames: Sequence[bytes | bytearray],
@@ -149,7 +152,10 @@ class RenderPipeline:
 
         async def attempt(name: str, number: int) -> tuple[GenerationResult, float]:
             nonlocal references
-            async with self.manager.slot(name, priority=request.priority, owner=request.request_id):
+            config = plan.configs[name]
+            async with self.manager.scheduler.slot(
+                name, config.concurrency, request.priority, owner=request.request_id, client=plan.client
+            ):
                 if timer.started is None:
                     timer.started = time.perf_counter()
                 progress("started", None, name if number > 1 else None, None)
@@ -160,12 +166,12 @@ class RenderPipeline:
                     )
                     timer.normalize_s = time.perf_counter() - normalize_start
                 job = RenderJob(request, references[0], references[1], attempt=number, progress=on_generator_progress)
-                overrides = request.generator_config if name == admission.chain[0] else {}
+                overrides = request.generator_config if name == plan.chain[0] else {}
                 generate_start = time.perf_counter()
-                result = await self.manager.generate(name, job, overrides=overrides)
+                result = await self.manager.generate(name, job, overrides=overrides, config=config)
                 return result, time.perf_counter() - generate_start
 
-        outcome = await run_chain(admission.chain, attempt, config_for=self.manager.config, cooldowns=self.cooldowns)
+        outcome = await run_chain(plan.chain, attempt, config_for=plan.configs.__getitem__, cooldowns=self.cooldowns)
         result, generate_s = outcome.value
         name = outcome.generator
         progress("storing", None, None, None)
@@ -199,7 +205,7 @@ class RenderPipeline:
             timings=timings,
             attempts=outcome.attempts,
             applied=result.applied,
-            ignored=list(dict.fromkeys([*admission.ignored.get(name, []), *result.ignored])),
+            ignored=list(dict.fromkeys([*plan.ignored.get(name, []), *result.ignored])),
             metadata=request.metadata,
         )
         return RenderOutcome(event, [item.blob for item in stored if item.blob is not None])

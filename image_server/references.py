@@ -28,6 +28,7 @@ from schemas import ImageSource, RenderRequest
 __all__ = [
     "decode_base64_source",
     "decode_image",
+    "open_header",
     "normalize_reference",
     "normalize_references",
     "normalize_request_references",
@@ -96,13 +97,10 @@ def decode_base64_source(text: str, max_bytes: int) -> bytes:
 _DECODE_SLOTS = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) - 1))
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> ReferenceImage:
-    """Validate encoded image bytes by decoding them fully; blocking (use a worker thread).
-
-    PNG, JPEG and WebP are returned as they are; GIF, BMP and TIFF are re-encoded as PNG.
-    Pillow's exceptions are translated here because a corrupt file can raise almost anything
-    (OSError, SyntaxError, ValueError, struct.error, ...) from a plugin.
-    """
+def open_header(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Open ``data`` reading its header only, refusing unknown formats and too many pixels
+    (cheap: nothing is decoded). Pillow's exceptions are translated here because a corrupt
+    file can raise almost anything (OSError, SyntaxError, ValueError, struct.error, ...)."""
     try:
         with _WARNINGS_LOCK, warnings.catch_warnings():
             # Pillow only warns about a header claiming a huge size; a warning is not enough.
@@ -114,14 +112,27 @@ def decode_image(data: bytes, *, max_pixels: int) -> ReferenceImage:
         raise ReferenceImageError("not a supported image (PNG, JPEG, WebP, GIF, BMP or TIFF)") from exc
     except Exception as exc:
         raise ReferenceImageError(f"image header is corrupt ({type(exc).__name__})") from exc
+    width, height = image.size
+    # Checked on the header, before load() allocates anything: max_pixels is ours, and
+    # Image.MAX_IMAGE_PIXELS (process-wide) is neither relied on nor changed.
+    if width * height > max_pixels:
+        image.close()
+        raise ReferenceImageError(
+            f"image is {width}x{height} ({width * height} pixels), over the limit of {max_pixels} pixels"
+        )
+    return image
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> ReferenceImage:
+    """Validate encoded image bytes by decoding them fully; blocking (use a worker thread).
+
+    PNG, JPEG and WebP are returned as they are; GIF, BMP and TIFF are re-encoded as PNG.
+    Pillow's exceptions are translated here because a corrupt file can raise almost anything
+    (OSError, SyntaxError, ValueError, struct.error, ...) from a plugin.
+    """
+    image = open_header(data, max_pixels=max_pixels)
     with image:
         width, height = image.size
-        # Checked on the header, before load() allocates anything: max_pixels is ours, and
-        # Image.MAX_IMAGE_PIXELS (process-wide) is neither relied on nor changed.
-        if width * height > max_pixels:
-            raise ReferenceImageError(
-                f"image is {width}x{height} ({width * height} pixels), over the limit of {max_pixels} pixels"
-            )
         try:
             with _DECODE_SLOTS:
                 image.load()  # verify() checks nothing for JPEG or WebP; only decoding finds truncation

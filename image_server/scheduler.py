@@ -2,8 +2,11 @@
 
 One scheduler hands out slots so that a request for a busy generator never holds a
 global slot while it waits for its own generator (which would starve the others).
-Waiters start highest ``priority`` first, then first in, first out; the queue bound is the
-service's to enforce, before it accepts a request.
+Waiters start highest ``priority`` first; at equal priority, clients take turns (start-time
+fair queueing: a client's n-th waiting request goes after every other client's earlier
+turns), then first in, first out. So one client's flood does not delay another's request
+by the length of the flood. The queue bound is the service's to enforce, before it
+accepts a request.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 @dataclass(order=True)
 class _Ticket:
-    sort_key: tuple[int, int]
+    sort_key: tuple[int, int, int]
     key: str = field(compare=False)
     owner: str = field(compare=False)
     limit: int = field(compare=False)
@@ -34,6 +37,8 @@ class Scheduler:
         self._waiting: list[_Ticket] = []
         self._counter = itertools.count()
         self.held = False
+        self._turn = 0  # the turn of the latest ticket started
+        self._last_turn: dict[str, int] = {}  # each client's latest turn handed out
 
     @property
     def in_flight(self) -> int:
@@ -68,18 +73,22 @@ class Scheduler:
             ticket.future.cancel()
 
     @asynccontextmanager
-    async def slot(self, key: str, limit: int, priority: int = 0, *, owner: str = "") -> AsyncIterator[None]:
-        await self._acquire(key, limit, priority, owner)
+    async def slot(
+        self, key: str, limit: int, priority: int = 0, *, owner: str = "", client: str = ""
+    ) -> AsyncIterator[None]:
+        await self._acquire(key, limit, priority, owner, client)
         try:
             yield
         finally:
             self._release(key)
 
-    async def _acquire(self, key: str, limit: int, priority: int, owner: str) -> None:
+    async def _acquire(self, key: str, limit: int, priority: int, owner: str, client: str) -> None:
         if self.held:
             raise asyncio.CancelledError("the scheduler starts nothing more (shutting down)")
+        turn = max(self._last_turn.get(client, 0), self._turn) + 1
+        self._last_turn[client] = turn
         ticket = _Ticket(
-            (-priority, next(self._counter)), key, owner, limit, asyncio.get_running_loop().create_future()
+            (-priority, turn, next(self._counter)), key, owner, limit, asyncio.get_running_loop().create_future()
         )
         self._waiting.append(ticket)
         self._waiting.sort()
@@ -122,7 +131,11 @@ class Scheduler:
             if self._can_start(ticket.key, ticket.limit):
                 self._waiting.remove(ticket)
                 self._start(ticket.key)
+                self._turn = max(self._turn, ticket.sort_key[1])
                 ticket.future.set_result(None)
+        if len(self._last_turn) > 4 * len(self._waiting) + 64:
+            # Clients whose turns have all come round need no memory: they start at the current turn.
+            self._last_turn = {c: t for c, t in self._last_turn.items() if t > self._turn}
 
     def __repr__(self) -> str:
         return f"<Scheduler in_flight={self._in_flight}/{self.max_in_flight} queued={len(self._waiting)}>"

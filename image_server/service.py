@@ -19,10 +19,12 @@ import httpx
 import zmq
 import zmq.asyncio
 
+from image_server.audience import Audience
 from image_server.compat import PlainJsonPublisher, make_publisher
 from image_server.config import ServiceConfig
 from image_server.health import ServiceProbe
 from image_server.httpcount import counting_http_responses
+from image_server.identity import Ticket, curve_user_id, owner_key
 from image_server.journal import Journal
 from image_server.lifecycle import Active, RequestTracker
 from image_server.logs import RateLimitedLog
@@ -30,6 +32,7 @@ from image_server.looplag import LoopLagMonitor
 from image_server.manager import GeneratorManager
 from image_server.metrics import ServiceMetrics
 from image_server.offload import DECODE_IN_THREAD_BYTES, as_bytes_in_chunks, prestart_worker_threads
+from image_server.outbox import Outbox
 from image_server.pipeline import RenderPipeline
 from image_server.publisher import EventPublisher
 from image_server.security import curve_setup
@@ -84,7 +87,7 @@ class ImageService:
         self.handle_signals = handle_signals
         self.counters: Counter[str] = Counter()
         self.endpoints: dict[str, str] = {}
-        self._requests_tracker: RequestTracker | None = None
+        self._tracker: RequestTracker | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stack = contextlib.AsyncExitStack()
         # A hostile peer must not be able to flood the log with one line per bad message.
@@ -97,7 +100,9 @@ class ImageService:
         self.console: Console | None = None
         self._started_at = time.monotonic()
         self._publisher: EventPublisher | None = None
-        self._requests: zmq.asyncio.Socket | None = None
+        self._request_socket: zmq.asyncio.Socket | None = None
+        self._curve = False
+        self.audience = Audience()
         self._pipeline: RenderPipeline | None = None
         self.journal: Journal | None = None
 
@@ -122,9 +127,10 @@ class ImageService:
         if self._own_context:
             stack.callback(self.context.destroy, 0)
         curve, server_key = curve_setup(self.config.security, self.context, stack)
+        self._curve = curve is not None
         # Libzmq's own cap drops (with a disconnect) anything far over our limit before it is
         # buffered; messages between the two limits get a RenderError from _on_frames.
-        self._requests = open_socket(
+        self._request_socket = open_socket(
             self.context,
             self.config.sockets.requests,
             role="requests",
@@ -132,12 +138,12 @@ class ImageService:
             curve_server_key=server_key,
             max_message_bytes=2 * self.config.limits.max_message_bytes,
         )
-        stack.callback(self._requests.close, 0)
+        stack.callback(self._request_socket.close, 0)
         events = open_socket(
             self.context, self.config.sockets.events, role="events", curve=curve, curve_server_key=server_key
         )
         stack.callback(events.close, 0)
-        for role, socket in (("requests", self._requests), ("events", events)):
+        for role, socket in (("requests", self._request_socket), ("events", events)):
             if getattr(self.config.sockets, role).bind:
                 self.endpoints[role] = bound_endpoint(socket)
         self._publisher = make_publisher(events, self.config, observer=self.metrics.observe)
@@ -152,16 +158,30 @@ class ImageService:
             http_client=http_client,
         )
         if self.config.journal.enabled:
+            journal_config = self.config.journal
             self.journal = await stack.enter_async_context(
-                Journal(self.config.state_dir, retention_s=self.config.journal.retention_s)
+                Journal(
+                    self.config.state_dir,
+                    retention_s=journal_config.retention_s,
+                    failed_body_retention_s=journal_config.failed_body_retention_s,
+                    max_bytes=journal_config.max_bytes,
+                )
             )
-        self._requests_tracker = RequestTracker(
-            self._pipeline, self._publisher, self.journal, self.config.limits, self.counters
+            await self.journal.size()
+        outbox = Outbox(
+            self._publisher,
+            self.journal,
+            self.counters,
+            audience=self.audience,
+            resume_grace_s=self.config.journal.resume_grace_s,
+        )
+        self._tracker = RequestTracker(
+            self._pipeline, outbox, self.config.limits, self.config.references, self.counters
         )
         if isinstance(self._publisher, PlainJsonPublisher) and self.journal is not None:
             for entry in await self.journal.unfinished():  # their echoed fields, after a restart
                 self._publisher.remember(entry.request_json)
-        await self.requests.resume()
+        await self.tracker.resume()
         await prestart_worker_threads()
         self._started_at = time.monotonic()
         self._tasks = [asyncio.create_task(self._receive_loop(), name="receive")]
@@ -226,13 +246,14 @@ class ImageService:
         """Stop intake, start nothing more from the queue, let running renders finish up to
         the deadline (or a second signal), leave the rest in the journal, close."""
         self._stopping.set()
+        self.audience.close()  # resumed results held back for subscribers go out before the drain ends
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._requests_tracker is not None:
-            await drain(self.requests, self.config.shutdown_timeout_s, self._stop_now)
-            logger.info("%s", ShutdownSummary.of(self.requests, self.metrics))
+        if self._tracker is not None:
+            await drain(self.tracker, self.config.shutdown_timeout_s, self._stop_now)
+            logger.info("%s", ShutdownSummary.of(self.tracker, self.metrics))
         await self._stack.aclose()
         logger.info("stopped")
 
@@ -257,14 +278,14 @@ class ImageService:
         return self._publisher
 
     @property
-    def requests(self) -> RequestTracker:
+    def tracker(self) -> RequestTracker:
         """The requests in flight and their lifecycle."""
-        assert self._requests_tracker is not None, "service not started"
-        return self._requests_tracker
+        assert self._tracker is not None, "service not started"
+        return self._tracker
 
     @property
     def active(self) -> dict[str, Active]:
-        return self.requests.active
+        return self.tracker.active
 
     @property
     def pipeline(self) -> RenderPipeline:
@@ -274,17 +295,19 @@ class ImageService:
     # -- loops ------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        assert self._requests is not None
+        assert self._request_socket is not None
         while True:
             # copy=False: a big message is copied out of libzmq off the loop (see _as_bytes).
-            received = await self._requests.recv_multipart(copy=False)
+            received = await self._request_socket.recv_multipart(copy=False)
             try:
+                # With CURVE, the sender is the key the ZAP handler authenticated.
+                user_id = curve_user_id(received[0]) if self._curve and received else None
                 size = sum(len(frame) for frame in received)
                 if size > DECODE_IN_THREAD_BYTES:
                     frames: list[bytes | bytearray] = await asyncio.to_thread(as_bytes_in_chunks, received)
                 else:
                     frames = [frame.bytes for frame in received]
-                await self._on_frames(frames)
+                await self._on_frames(frames, user_id=user_id)
             except Exception:
                 # Never die on input: a bug handling one message must not stop the service.
                 self.counters["internal_errors"] += 1
@@ -296,9 +319,11 @@ class ImageService:
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     async def _subscription_loop(self, events: zmq.asyncio.Socket) -> None:
-        """Greet each new subscriber that will see Heartbeats with one at once."""
+        """Greet each new subscriber that will see Heartbeats with one at once, and keep the
+        audience (who listens to which topics) up to date for resumed results."""
         while True:
             frame = await events.recv()
+            self.audience.observe(frame)
             if frame[:1] == b"\x01" and b"Heartbeat".startswith(frame[1:]):
                 await self._publish_heartbeat()
 
@@ -319,11 +344,11 @@ class ImageService:
 
     @property
     def queued(self) -> int:
-        return self.requests.queued
+        return self.tracker.queued
 
     # -- inbound ----------------------------------------------------------------------
 
-    async def _on_frames(self, frames: Sequence[bytes | bytearray]) -> None:
+    async def _on_frames(self, frames: Sequence[bytes | bytearray], *, user_id: str | None = None) -> None:
         self.counters["received"] += 1
         size = sum(len(f) for f in frames)
         if size > self.config.limits.max_message_bytes:
@@ -334,7 +359,8 @@ class ImageService:
                     f"message of {size} bytes exceeds the limit of {limit}",
                     request_id=sniff_field(head, "request_id"),
                     reply_to=sniff_field(head, "reply_to"),
-                )
+                ),
+                user_id,
             )
             return
         try:
@@ -344,24 +370,25 @@ class ImageService:
                 else decode_frames(frames)
             )
         except WireError as exc:
-            await self._refuse(exc)
+            await self._refuse(exc, user_id)
             return
         message = decoded.message
         if isinstance(message, RenderRequest):
             if isinstance(self._publisher, PlainJsonPublisher):
                 self._publisher.remember(decoded.payload)
             frames = [blob if isinstance(blob, bytes | bytearray) else bytes(blob) for blob in decoded.blobs]
-            await self.requests.on_render(message, raw=decoded.payload, frames=frames)
+            await self.tracker.on_render(message, raw=decoded.payload, frames=frames, user_id=user_id)
         elif isinstance(message, CancelRequest):
-            await self._on_cancel(message)
+            await self._on_cancel(message, user_id)
         elif isinstance(message, StatusRequest):
             await self._on_status(message)
         else:
             rid = getattr(message, "request_id", None)
-            await self._refuse(WireError(f"{message.type} is not a request", request_id=rid))
+            await self._refuse(WireError(f"{message.type} is not a request", request_id=rid), user_id)
 
-    async def _refuse(self, exc: WireError) -> None:
-        """A message that could not be decoded: an error event if it names a request."""
+    async def _refuse(self, exc: WireError, user_id: str | None) -> None:
+        """A message that could not be decoded: an error event if it names a request (and
+        the id is not another request's: the Outbox checks)."""
         request_id = exc.request_id
         if request_id is None:
             self.counters["undecodable"] += 1
@@ -369,13 +396,12 @@ class ImageService:
             return
         self.counters["rejected"] += 1
         self._refusals.warning("rejected %s: %s", request_id, exc.reason[:200])
-        await self.publisher.publish(
-            RenderError(request_id=request_id, code="invalid_request", message=exc.reason), reply_to=exc.reply_to
-        )
+        ticket = Ticket(request_id, owner_key(user_id, exc.reply_to), exc.reply_to)
+        self.tracker.refuse(ticket, RenderError(request_id=request_id, code="invalid_request", message=exc.reason))
 
-    async def _on_cancel(self, message: CancelRequest) -> None:
-        if not self.requests.cancel(message.request_id):
-            logger.info("cancel for %s: not in flight", message.request_id)
+    async def _on_cancel(self, message: CancelRequest, user_id: str | None) -> None:
+        if not self.tracker.cancel(message.request_id, reply_to=message.reply_to, user_id=user_id):
+            logger.info("cancel for %s: not in flight for its sender", message.request_id)
 
     async def _on_status(self, message: StatusRequest) -> None:
         await self.publisher.publish(self.status(message.request_id), reply_to=message.reply_to)
@@ -402,6 +428,8 @@ class ImageService:
             uptime_s=self.uptime_s,
             counters=dict(self.counters),
             version=VERSION,
+            journal_bytes=self.journal.used_bytes if self.journal is not None else None,
+            journal_max_bytes=self.journal.max_bytes if self.journal is not None else None,
         )
 
     def _cooling_down_until(self, name: str) -> float | None:
@@ -413,6 +441,7 @@ class ImageService:
     async def _prune_loop(self, journal: Journal) -> None:
         while True:
             removed = await journal.prune()
+            await journal.size()
             if removed:
                 logger.info("pruned %d finished journal entries", removed)
             await asyncio.sleep(self.config.journal.prune_interval_s)

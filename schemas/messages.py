@@ -237,6 +237,16 @@ class RenderError(_Outbound):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class RequestConflict(_Outbound):
+    """A message named a ``request_id`` that another request holds (another client's, or a
+    finished one the message does not match); nothing was done with it. Not a terminal
+    event: the request that holds the id still ends with exactly one."""
+
+    type: Literal["RequestConflict"] = "RequestConflict"
+    request_id: str
+    message: str
+
+
 class Heartbeat(_Outbound):
     """Published every ``heartbeat_interval_s``; clients wait for one before sending."""
 
@@ -271,11 +281,13 @@ class ServiceStatus(_Outbound):
     uptime_s: float = 0.0
     counters: dict[str, int] = Field(default_factory=dict)
     version: str = ""  # the service's package version
+    journal_bytes: int | None = None  # what the journal holds now (None: no journal)
+    journal_max_bytes: int | None = None  # its quota (journal.max_bytes); None: no quota
 
 
 InboundMessage = Annotated[RenderRequest | CancelRequest | StatusRequest, Field(discriminator="type")]
 OutboundEvent = Annotated[
-    RenderAccepted | RenderProgress | ImageReady | RenderError | Heartbeat | ServiceStatus,
+    RenderAccepted | RenderProgress | ImageReady | RenderError | RequestConflict | Heartbeat | ServiceStatus,
     Field(discriminator="type"),
 ]
 Message = Annotated[
@@ -286,6 +298,7 @@ Message = Annotated[
     | RenderProgress
     | ImageReady
     | RenderError
+    | RequestConflict
     | Heartbeat
     | ServiceStatus,
     Field(discriminator="type"),

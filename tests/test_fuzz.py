@@ -45,6 +45,7 @@ from schemas import (
     ImageSource,
     RenderError,
     RenderRequest,
+    RequestConflict,
     ServiceStatus,
     StatusRequest,
     WireError,
@@ -283,8 +284,10 @@ class Harness:
                 self.fates["undecodable"] += 1
             elif delta["rejected"]:
                 assert delta["rejected"] == 1
-                error = await self.published(lambda m: isinstance(m, RenderError), mark)
-                assert error.code != "internal", error
+                # A refusal naming an id another request holds gets a RequestConflict, never
+                # a second terminal event for that id.
+                error = await self.published(lambda m: isinstance(m, RenderError | RequestConflict), mark)
+                assert not isinstance(error, RenderError) or error.code != "internal", error
                 self.fates["rejected"] += 1
             else:
                 await self._validated(frames, mark)
@@ -299,7 +302,10 @@ class Harness:
             raise AssertionError(f"undecodable message {frames!r} was neither counted nor refused: {exc}") from exc
         if isinstance(message, RenderRequest):
             rid = message.request_id
-            end = await self.published(lambda m: isinstance(m, ImageReady | RenderError) and m.request_id == rid, mark)
+            # Ids repeat across examples: a repeat from another reply_to conflicts with the first.
+            end = await self.published(
+                lambda m: isinstance(m, ImageReady | RenderError | RequestConflict) and m.request_id == rid, mark
+            )
             assert not (isinstance(end, RenderError) and end.code == "internal"), end
             self.fates[f"rendered:{type(end).__name__}"] += 1
         elif isinstance(message, StatusRequest):

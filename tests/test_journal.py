@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from image_server.journal import JOURNAL_FILE, Admission, Journal, connect, recent_entries
+from image_server.journal import JOURNAL_FILE, Recording, Journal, connect, recent_entries
 from schemas import RenderRequest
 
 
@@ -22,19 +22,19 @@ def request_json(request_id: str, **fields: object) -> str:
 async def test_admit_new_then_in_flight_then_finished_with_blobs(tmp_path: Path):
     async with Journal(tmp_path) as journal:
         first = await journal.admit("j-1", "mock", request_json("j-1", seed=7))
-        assert first.admission is Admission.NEW and first.blobs == []
+        assert first.state is Recording.NEW and first.blobs == []
         assert first.entry.generator == "mock" and first.entry.finished_at is None
         assert json.loads(first.entry.request_json)["seed"] == 7
 
         again = await journal.admit("j-1", "other", request_json("j-1", seed=8))
-        assert again.admission is Admission.IN_FLIGHT
+        assert again.state is Recording.IN_FLIGHT
         # The first recording wins: a repeat never rewrites what was accepted.
         assert again.entry.generator == "mock" and again.entry.accepted_at == first.entry.accepted_at
         assert json.loads(again.entry.request_json)["seed"] == 7
 
         await journal.finish("j-1", "ImageReady", None, '{"type": "ImageReady"}', [b"\x89PNG one", b"two"], 12.5)
         done = await journal.admit("j-1", "mock", request_json("j-1"))
-    assert done.admission is Admission.FINISHED
+    assert done.state is Recording.FINISHED
     assert done.blobs == [b"\x89PNG one", b"two"]
     assert done.entry.outcome == "ImageReady" and done.entry.terminal == '{"type": "ImageReady"}'
     assert done.entry.total_ms == 12.5 and done.entry.finished_at is not None
@@ -50,7 +50,7 @@ async def test_unfinished_lists_only_open_entries_oldest_first_and_survives_reop
         unfinished = await reopened.unfinished()
         finished = await reopened.admit("u-2", "mock", request_json("u-2"))
     assert [entry.request_id for entry in unfinished] == ["u-1", "u-3", "u-4"]
-    assert finished.admission is Admission.FINISHED and finished.entry.code == "cancelled"
+    assert finished.state is Recording.FINISHED and finished.entry.code == "cancelled"
 
 
 async def test_prune_removes_finished_entries_and_blobs_past_retention_only(tmp_path: Path):
@@ -67,7 +67,7 @@ async def test_prune_removes_finished_entries_and_blobs_past_retention_only(tmp_
         gone = await journal.admit("old-1", "mock", request_json("old-1"))
     # An unfinished entry is never pruned, however old: it is still owed a terminal event.
     assert [entry.request_id for entry in unfinished] == ["open-1"]
-    assert gone.admission is Admission.NEW  # pruned: a repeat is a new request again
+    assert gone.state is Recording.NEW  # pruned: a repeat is a new request again
     reader = connect(tmp_path / JOURNAL_FILE, readonly=True)
     try:
         assert reader.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
@@ -97,7 +97,7 @@ async def test_concurrent_admits_share_commits(tmp_path: Path):
             results = await asyncio.gather(*tasks)
         commits = journal.commits - commits_before
         unfinished = await journal.unfinished()
-    assert all(result.admission is Admission.NEW for result in results)
+    assert all(result.state is Recording.NEW for result in results)
     assert len(unfinished) == count + 1
     # The first op may have been taken alone before the burst; the rest share one commit.
     assert 1 <= commits <= 2, commits
@@ -129,11 +129,11 @@ async def test_a_cancelled_caller_does_not_break_the_writer(tmp_path: Path):
             blocker.execute("ROLLBACK")
             blocker.close()
         async with asyncio.timeout(10):
-            assert (await first).admission is Admission.NEW
-            assert (await third).admission is Admission.NEW
+            assert (await first).state is Recording.NEW
+            assert (await third).state is Recording.NEW
             later = await journal.admit("x-4", "mock", request_json("x-4"))
             listed = [entry.request_id for entry in await journal.unfinished()]
-    assert later.admission is Admission.NEW
+    assert later.state is Recording.NEW
     assert "x-1" in listed and "x-3" in listed and "x-4" in listed
     # x-2 was either skipped (cancelled before it ran) or recorded (already running): never half-done.
     assert listed in (["x-1", "x-3", "x-4"], ["x-1", "x-2", "x-3", "x-4"])
@@ -147,7 +147,7 @@ async def test_a_failing_operation_is_rolled_back_alone(tmp_path: Path):
             await journal.admit("bad-1", None, request_json("bad-1"))  # type: ignore[arg-type]
         after = await journal.admit("ok-2", "mock", request_json("ok-2"))
         listed = [entry.request_id for entry in await journal.unfinished()]
-    assert after.admission is Admission.NEW and listed == ["ok-1", "ok-2"]
+    assert after.state is Recording.NEW and listed == ["ok-1", "ok-2"]
 
 
 async def test_wal_mode_and_read_only_reader_while_the_writer_is_open(tmp_path: Path):
@@ -165,7 +165,7 @@ async def test_wal_mode_and_read_only_reader_while_the_writer_is_open(tmp_path: 
         finally:
             reader.close()
         # The writer carries on after (and despite) the reader.
-        assert (await journal.admit("r-3", "mock", request_json("r-3"))).admission is Admission.NEW
+        assert (await journal.admit("r-3", "mock", request_json("r-3"))).state is Recording.NEW
     assert [entry.request_id for entry in entries] == ["r-2", "r-1"]  # newest first, limited
     assert entries[1].outcome == "ImageReady" and entries[1].total_ms == 5.0
     assert [entry.request_id for entry in recent_entries(tmp_path)] == ["r-3", "r-2", "r-1", "r-0"]

@@ -25,6 +25,7 @@ from schemas import (
     RenderAccepted,
     RenderError,
     RenderRequest,
+    RequestConflict,
     ServiceStatus,
     StatusRequest,
     decode_frames,
@@ -183,11 +184,14 @@ async def test_bad_input_gets_an_error_or_is_counted_and_service_keeps_serving(s
                 b'{"request_id": "two-refs", "prompt": "p", "reference_image": {"uri": "data:,", "image_data": "x"}}',
             ],
         }
+        errors = {}
         for request_id, frames in cases.items():
-            error = await error_for(peer, frames, request_id)
+            errors[request_id] = error = await error_for(peer, frames, request_id)
             assert error.code == "invalid_request", (request_id, error)
-        too_big = await error_for(peer, cases["too-big"], "too-big")
-        assert "exceeds the limit" in too_big.message
+        assert "exceeds the limit" in errors["too-big"].message
+        # One terminal event per id, ever: the same bad message again gets a RequestConflict.
+        await peer.send(cases["too-big"])
+        await peer.next_event(lambda m: isinstance(m, RequestConflict) and m.request_id == "too-big")
         unknown = await error_for(
             peer, encode_message(RenderRequest(request_id="unk", prompt="p", generator="nope")), "unk"
         )
@@ -312,7 +316,8 @@ async def test_duplicate_in_flight_request_renders_once(service_factory, raw_pee
 
 async def test_overloaded_beyond_in_flight_and_queue_bounds(service_factory, client_for):
     generators = {"mock": {"strategy": "mock", "delay_s": 0.5}}
-    async with service_factory(generators=generators, limits={"max_in_flight": 1, "max_queued": 1}) as service:
+    limits = {"max_in_flight": 1, "max_queued": 1, "max_client_share": 1.0}  # one client may fill it
+    async with service_factory(generators=generators, limits=limits) as service:
         async with client_for(service) as client:
             first = asyncio.create_task(client.render(request_id="o-1", prompt="p", width=64, height=64))
             second = asyncio.create_task(client.render(request_id="o-2", prompt="p", width=64, height=64))
