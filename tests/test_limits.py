@@ -95,3 +95,25 @@ async def test_client_refuses_messages_over_the_limit(service_factory, client_fo
 )
 def test_loopback_detection(endpoint, loopback):
     assert is_loopback_endpoint(endpoint) is loopback
+
+
+async def test_default_fair_share_keeps_room_and_turns_for_another_client(service_factory, client_for):
+    generators = {"mock": {"strategy": "mock", "delay_s": 0.2, "concurrency": 1}}
+    limits = {"max_in_flight": 1, "max_queued": 9}  # capacity 10; the default share is half of it
+    async with service_factory(generators=generators, limits=limits) as service:
+        async with client_for(service, client_id="flood") as flood, client_for(service, client_id="polite") as polite:
+            floods = [
+                asyncio.create_task(flood.render(request_id=f"f-{i}", prompt="p", width=64, height=64))
+                for i in range(8)
+            ]
+            async with asyncio.timeout(5):
+                while sum(task.done() for task in floods) < 3:  # the three over its share
+                    await asyncio.sleep(0.01)
+            refused = [task.exception() for task in floods if task.done()]
+            assert all(isinstance(e, RenderFailed) and e.code == "overloaded" for e in refused), refused
+            assert "max_client_share" in str(refused[0])
+            result = await polite.render(request_id="p-1", prompt="p", width=64, height=64)
+            # Served at its turn, not after the flood's queue: most of the flood still waits.
+            unfinished = sum(not task.done() for task in floods)
+            assert result.event.request_id == "p-1" and unfinished >= 3, unfinished
+            await asyncio.gather(*floods, return_exceptions=True)

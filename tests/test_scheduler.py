@@ -66,3 +66,26 @@ async def test_cancelled_waiter_leaves_the_queue_and_frees_nothing_it_did_not_ho
     gate.set()
     await first
     assert scheduler.in_flight == 0 and order == ["first"]
+
+
+async def test_clients_take_turns_so_a_flood_does_not_delay_another_client():
+    scheduler = Scheduler(max_in_flight=1)
+    order: list[str] = []
+    turn = asyncio.Event()
+
+    async def one(client: str, name: str) -> None:
+        async with scheduler.slot("k", 1, 0, owner=name, client=client):
+            order.append(name)
+            await turn.wait()
+
+    flood = [asyncio.create_task(one("flood", f"f{i}")) for i in range(20)]
+    await settle()
+    late = [asyncio.create_task(one("polite", f"p{i}")) for i in range(2)]
+    await settle()
+    assert scheduler.position("p0") == 2  # behind one queued flood request, not nineteen
+    turn.set()
+    async with asyncio.timeout(2):
+        await asyncio.gather(*flood, *late)
+    assert order[:5] == ["f0", "f1", "p0", "f2", "p1"]
+    # Within a client, and with one client only, first in first out as before.
+    assert [name for name in order if name.startswith("f")] == [f"f{i}" for i in range(20)]
