@@ -88,9 +88,13 @@ async def test_only_the_ticket_holding_the_id_may_emit(wired):
 async def test_a_refusal_naming_a_held_or_finished_id_is_a_conflict_not_a_terminal_event(wired):
     held = Ticket("r-3", "reply_to:alice", "alice")
     wired.outbox.hold(held)
-    await wired.outbox.refuse(Ticket("r-3", "reply_to:alice", "alice"), RenderError(request_id="r-3", code="invalid_request", message="x"))
+    await wired.outbox.refuse(
+        Ticket("r-3", "reply_to:alice", "alice"), RenderError(request_id="r-3", code="invalid_request", message="x")
+    )
     await wired.outbox.finish(held, ready("r-3"))
-    await wired.outbox.refuse(Ticket("r-3", "", None), RenderError(request_id="r-3", code="invalid_request", message="x"))
+    await wired.outbox.refuse(
+        Ticket("r-3", "", None), RenderError(request_id="r-3", code="invalid_request", message="x")
+    )
     events = await wired.received(3)
     assert [type(m) for m in events] == [RequestConflict, ImageReady, RequestConflict]
     assert wired.outbox.counters["conflicts"] == 2

@@ -72,7 +72,9 @@ async def test_cancel_clear_queue_and_channel_act_only_on_the_senders_own_reques
             await log.wait_for(lambda _: len(log.of("a-q2", RenderAccepted)) == 1)
             # Bob cancels, clears the queue and takes "screen": none of it touches Alice's requests.
             await log.send(CancelRequest(request_id="a-q0", reply_to="bob"))
-            await log.send(RenderRequest(request_id="b-1", prompt="p", reply_to="bob", clear_queue=True, channel="screen"))
+            await log.send(
+                RenderRequest(request_id="b-1", prompt="p", reply_to="bob", clear_queue=True, channel="screen")
+            )
             await log.wait_for(lambda m: isinstance(m, RenderAccepted) and m.request_id == "b-1")
             # Alice's own cancel works.
             await log.send(CancelRequest(request_id="a-q1", reply_to="alice"))
@@ -87,7 +89,9 @@ async def test_cancel_clear_queue_and_channel_act_only_on_the_senders_own_reques
 
 
 async def test_with_curve_a_copied_reply_to_does_not_make_another_key_the_owner(
-    service_factory, context, keys  # noqa: F811
+    service_factory,
+    context,
+    keys,  # noqa: F811
 ):
     from image_server.security import generate_keypair, load_keypair
 
