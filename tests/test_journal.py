@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from image_server.journal import JOURNAL_FILE, Recording, Journal, connect, recent_entries
+from image_server.journal import JOURNAL_FILE, Journal, Recording, connect, recent_entries
 from schemas import RenderRequest
 
 

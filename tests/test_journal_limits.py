@@ -12,7 +12,7 @@ import pytest
 
 from image_server.client import RenderFailed
 from image_server.journal import JOURNAL_FILE, Journal, connect
-from schemas import ImageSource, RenderRequest
+from schemas import ImageSource
 from tests.fakes.images import solid_bytes
 
 
