@@ -192,3 +192,29 @@ async def test_resumed_requests_on_one_channel_keep_only_the_newest(service_fact
     assert entries["slot-new"].outcome == "ImageReady"
     async with Journal(state_dir) as journal:
         assert await journal.unfinished() == []
+
+
+async def test_a_resumed_result_waits_until_its_client_subscribes_again(service_factory, context, tmp_path):
+    """A raw client that subscribes only after the restart (and never re-sends) still hears it."""
+    import asyncio
+
+    import zmq
+
+    from schemas import decode_frames
+
+    async with Journal(tmp_path / "state") as journal:
+        request = RenderRequest(request_id="late-1", prompt="p", width=64, height=64, reply_to="late")
+        await journal.admit("late-1", "mock", request.model_dump_json())
+    async with service_factory(journal={"resume_grace_s": 30}) as service:
+        await asyncio.sleep(0.3)  # the render (a few ms) is long done: its result is held back
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"ImageReady/late")
+        sub.connect(service.endpoints["events"])
+        try:
+            async with asyncio.timeout(5):
+                ready = decode_frames(await sub.recv_multipart()).message
+        finally:
+            sub.close(0)
+    assert isinstance(ready, ImageReady) and ready.request_id == "late-1"
+    assert service.counters["resumed"] == 1
