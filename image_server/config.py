@@ -44,9 +44,26 @@ class SocketConfig(_Section):
         return self
 
 
+_DEFAULT_KINDS = {"requests": "sub", "events": "xpub"}
+
+
 class SocketsConfig(_Section):
     requests: SocketConfig = SocketConfig(kind="sub", bind="tcp://127.0.0.1:5555")
     events: SocketConfig = SocketConfig(kind="xpub", bind="tcp://127.0.0.1:5556")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        """A socket given only in part (``IMAGE_SERVER_SOCKETS__REQUESTS__BIND`` with no
+        ``[sockets.requests]`` table) keeps its role's default kind."""
+        if not isinstance(data, Mapping):
+            return data
+        filled = dict(data)
+        for role, kind in _DEFAULT_KINDS.items():
+            table = filled.get(role)
+            if isinstance(table, Mapping) and "kind" not in table:
+                filled[role] = {"kind": kind, **table}
+        return filled
 
     @model_validator(mode="after")
     def _kinds(self) -> SocketsConfig:

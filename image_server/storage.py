@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,20 @@ def _safe_component(value: str, what: str) -> str:
     if not value or value.startswith(".") or "/" in value or "\\" in value or "\x00" in value:
         raise ValueError(f"unsafe {what} for a path component: {value!r}")
     return value
+
+
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def file_stem(request_id: str) -> str:
+    """The request id as a file name that cannot surprise: as it is when it starts with a
+    letter or digit and holds only those, ``.``, ``_`` and ``-``; otherwise its letters,
+    digits, ``_`` and ``-`` with a hash of the whole id, so ``..``, ``.x`` or ``a:b`` give
+    neither hidden files, nor names made of dots, nor colons, nor collisions."""
+    if _PLAIN_ID.fullmatch(request_id):
+        return request_id
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", request_id).strip("_-") or "id"
+    return f"{readable}-{hashlib.sha256(request_id.encode()).hexdigest()[:10]}"
 
 
 class OutputStore:
@@ -92,9 +107,7 @@ class OutputStore:
                 frame = sum(1 for item in stored if item.blob is not None)
                 stored.append(StoredImage(OutputImage(frame=frame, **common), blob=encoded.data))
             else:
-                # The wire allows ids such as "." or ".x": never a hidden file, nor a failure after rendering.
-                stem = "_" + request.request_id if request.request_id.startswith(".") else request.request_id
-                name = f"{_safe_component(stem, 'request id')}_{index}.{EXTENSIONS[fmt]}"
+                name = f"{file_stem(request.request_id)}_{index}.{EXTENSIONS[fmt]}"
                 path = self._write(folder / name, encoded.data)
                 stored.append(StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common)))
         return stored

@@ -245,3 +245,17 @@ def test_the_kie_example_is_the_seed_projects_pair():
     assert generators["kie"].strategy == "kie" and generators["kie"].fallbacks == ["cloudflare_flux"]
     flux = generators["cloudflare_flux"]
     assert flux.strategy == "cloudflare" and flux.model == "@cf/black-forest-labs/flux-1-schnell"
+
+
+def test_sockets_given_only_through_the_environment(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('default_generator = "mock"\n[generators.mock]\nstrategy = "mock"\n')  # no [sockets.*]
+    environ = {
+        "IMAGE_SERVER_SOCKETS__REQUESTS__BIND": "tcp://127.0.0.1:7001",
+        "IMAGE_SERVER_SOCKETS__EVENTS__BIND": "tcp://127.0.0.1:7002",
+    }
+    config = load_config(path, environ=environ)
+    assert (config.sockets.requests.kind, config.sockets.requests.bind) == ("sub", "tcp://127.0.0.1:7001")
+    assert (config.sockets.events.kind, config.sockets.events.bind) == ("xpub", "tcp://127.0.0.1:7002")
+    connecting = load_config(path, environ={"IMAGE_SERVER_SOCKETS__EVENTS__CONNECT": '["tcp://broker:6000"]'})
+    assert connecting.sockets.events.kind == "xpub" and connecting.sockets.events.bind is None

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -351,3 +352,15 @@ def test_a_mislabelled_provider_image_is_re_encoded(store: OutputStore) -> None:
     stored = store_one(store, GeneratedImage(data=jpeg, format="png"), delivery="frames")
     assert stored.blob is not None and decode(stored.blob).format == "PNG"
     assert decode(stored.blob).size == (48, 32) and decode(stored.blob).text["prompt"] == "a fox"
+
+
+@pytest.mark.parametrize("request_id", ["..", ".", ".hidden", "a:b", "-rf", "plain-id_9", "scene.3"])
+def test_request_ids_become_file_names_that_cannot_surprise(tmp_path, request_id):
+    from image_server.storage import file_stem
+
+    stem = file_stem(request_id)
+    # Starts with a letter or digit: no hidden file, no "..", no option-like leading dash; no colon.
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", stem) and ".." not in stem, stem
+    if request_id in ("plain-id_9", "scene.3"):
+        assert stem == request_id
+    assert file_stem("a_b") != file_stem("a:b") != file_stem("a;b")
