@@ -185,8 +185,7 @@ async def resolve_host(host: str, port: int, *, allow_private: bool) -> list[str
             if not is_public_address(address):
                 # Never say which address: a client must not learn what internal names resolve to.
                 raise ReferenceImageError(
-                    f"refused {host!r}: it resolves to a private address "
-                    "(references.allow_private_addresses is off)"
+                    f"refused {host!r}: it resolves to a private address (references.allow_private_addresses is off)"
                 )
     return [str(address) for address in addresses]
 

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 from image_server.errors import GenerationTimeout, GeneratorNotFound, InvalidRequest
 from image_server.generators.base import Capabilities, GenerationResult, Generator, GeneratorConfig, RenderJob
 from image_server.generators.registry import create_generator
-from image_server.generators.scrubbing import scrubbed_errors
 from image_server.resilience import CooldownTracker
 from image_server.scheduler import Scheduler
 
@@ -243,17 +242,14 @@ class GeneratorManager:
         ``overrides`` default to the request's ``generator_config``. The timeout is the
         generator's ``timeout_s`` or ``timeout_s`` if smaller; expiry cancels the
         generator's work and raises ``GenerationTimeout``. ``config`` is the one the request
-        was admitted with (resolved once); by default the configured one. Every error and
-        every text the provider wrote into the result is scrubbed of the generator's secrets
-        (``generators.scrubbing``), whatever the strategy did itself.
+        was admitted with (resolved once); by default the configured one.
         """
         config = config or self._configs[name]
         limit = config.timeout_s if timeout_s is None else min(config.timeout_s, timeout_s)
         entry = await self._checkout(name, job.request.generator_config if overrides is None else overrides)
         try:
-            with scrubbed_errors(entry.generator) as scrub:
-                async with asyncio.timeout(limit):
-                    return scrub.result(await entry.generator.generate(job))
+            async with asyncio.timeout(limit):
+                return await entry.generator.generate(job)
         except TimeoutError as exc:
             if isinstance(exc, GenerationTimeout):
                 raise

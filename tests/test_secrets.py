@@ -74,7 +74,7 @@ def openai_provider() -> Iterator[Provider]:
                 fake.api_key = knobs.get("api_key", PLANTED)
                 if "error" in knobs:
                     fake.fail_next(knobs["error"], times=2)  # each attempt (one retry) meets it
-                for name in ("delay_s", "malformed"):
+                for name in ("delay_s", "malformed", "revised_prompt"):
                     setattr(fake, name, knobs.get(name, getattr(fake, name)))
 
             return apply
@@ -88,6 +88,8 @@ def openai_provider() -> Iterator[Provider]:
             dead_table={**table, "base_url": dead_url() + "/v1"},
             modes={
                 "ok": mode(),
+                # A 200 whose revised prompt repeats the key (it reaches ImageReady.prompt).
+                "200-echo-revised-prompt": mode(revised_prompt=f"a lighthouse; credentials {PLANTED}"),
                 "wrong-key-echoed": mode(api_key="sk-the-right-one"),  # 401 quoting the presented key
                 "500-echo": mode(error=echo),
                 "500-echo-cut": mode(error=cut),
@@ -103,15 +105,20 @@ def openai_provider() -> Iterator[Provider]:
 def gemini_provider() -> Iterator[Provider]:
     with FakeGemini(api_key=PLANTED) as fake:
 
-        def mode(scenario: str, api_key: str = PLANTED) -> Callable[[], None]:
+        def mode(scenario: str, api_key: str = PLANTED, text: str | None = None) -> Callable[[], None]:
             def apply() -> None:
                 fake.reset()
                 fake.__dict__.pop("answer", None)
                 fake.scenario, fake.api_key, fake.delay_s = scenario, api_key, 2.0
                 if scenario == "echo_cut":  # the key straddles the 300 characters kept of a message
                     fake.answer = lambda parts: (500, fake.error_body(500, "x" * 290 + PLANTED), {})
+                if text is not None:
+                    fake.text = text
 
             return apply
+
+        def text_only(text: str) -> Callable[[], None]:
+            return mode("text_only", text=text)
 
         table = {"strategy": "gemini", "api_key_env": KEY_ENV, "request_timeout_s": 0.3, **FAST}
         yield Provider(
@@ -122,6 +129,9 @@ def gemini_provider() -> Iterator[Provider]:
                 "wrong-key": mode("ok", api_key="the-right-one"),
                 "500-echo": mode("echo_key"),
                 "500-echo-cut": mode("echo_cut"),
+                # 200s without an image whose text repeats the key: quoted in the RenderError.
+                "200-echo-text-only": text_only(f"I will not draw; your key is {PLANTED}."),
+                "200-echo-text-only-cut": text_only("y" * 280 + PLANTED),  # straddles the 300 kept
                 "500": mode("internal"),
                 "malformed": mode("malformed"),
                 "timeout": mode("slow"),
@@ -343,6 +353,8 @@ def runpod_provider() -> Iterator[Provider]:
         )
 
 
+SUCCEEDS = ("ok", "200-echo-revised-prompt")  # modes that end in ImageReady
+
 PROVIDERS = {
     "openai": openai_provider,
     "gemini": gemini_provider,
@@ -480,9 +492,12 @@ async def test_a_planted_key_appears_nowhere(
         corpus.add(f"file {name}", data)
 
     assert not corpus.leaks(), corpus.leaks()
-    # The modes did what they were meant to: one success, every other one a RenderError.
-    assert isinstance(outcomes.pop("ok"), ImageReady)
+    # The modes did what they were meant to: the 200s succeed (or fail for want of an image),
+    # every other one is a RenderError.
+    successes = {name: outcomes.pop(name) for name in SUCCEEDS if name in outcomes}
+    assert successes and all(isinstance(event, ImageReady) for event in successes.values()), successes
     assert all(isinstance(event, RenderError) for event in outcomes.values()), outcomes
     # Where the provider echoed the key, it was there to leak, and was scrubbed.
     assert all("***" in event.message for name, event in outcomes.items() if "echo" in name), outcomes
-    assert raised == [*(name for name in provider.modes if name != "ok"), "dead-port"]
+    assert all("***" in event.model_dump_json() for name, event in successes.items() if "echo" in name), successes
+    assert raised == [*(name for name in provider.modes if name not in SUCCEEDS), "dead-port"]

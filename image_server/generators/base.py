@@ -7,8 +7,9 @@ into ``image_server.errors`` at the strategy's own boundary.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from image_server.errors import PromptTooLong, Unsupported
+from image_server.generators.scrubbing import scrubbed_errors
 from schemas import RenderRequest
 
 if TYPE_CHECKING:
@@ -165,6 +167,14 @@ class Generator:
     strategy: ClassVar[str] = ""
     config_model: ClassVar[type[GeneratorConfig]] = GeneratorConfig
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every strategy's ``generate`` and ``health`` are scrubbed of its secrets
+        (``generators.scrubbing``): provider text may quote the key, whatever the strategy did."""
+        super().__init_subclass__(**kwargs)
+        for method in ("generate", "health"):
+            if method in cls.__dict__:
+                setattr(cls, method, _scrubbed(cls.__dict__[method]))
+
     def __init__(
         self, config: GeneratorConfig, *, name: str | None = None, environ: Mapping[str, str] | None = None
     ) -> None:
@@ -208,6 +218,19 @@ class Generator:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} name={self.name!r}>"
+
+
+def _scrubbed(method: Callable[[Any, Any], Awaitable[Any]] | Callable[[Any], Awaitable[Any]]) -> Any:
+    if getattr(method, "_scrubbed", False):
+        return method
+
+    @functools.wraps(method)
+    async def scrubbed(self: Generator, *args: Any) -> Any:
+        with scrubbed_errors(self) as scrubber:
+            return scrubber.result(await method(self, *args))
+
+    scrubbed._scrubbed = True  # type: ignore[attr-defined]
+    return scrubbed
 
 
 def check_request(capabilities: Capabilities, request: RenderRequest, generator: str) -> list[str]:

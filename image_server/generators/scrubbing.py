@@ -1,11 +1,13 @@
 """The one place provider text is scrubbed of a generator's secrets before anyone sees it.
 
-Strategies quote providers in errors (a 500 body, a model's text-only answer) and in
-results (a revised prompt). Whatever a strategy did, ``GeneratorManager.generate`` runs
-every attempt inside ``scrubbed_errors``: each ``ImageServerError`` message and each text
-of a ``GenerationResult`` leaves with the secrets replaced by ``***``. The secrets are the
-values of the environment variables a generator's config names (fields ending in
-``_env``), and each half of a ``id:secret`` pair, so no strategy has to list them.
+Strategies quote providers in errors (a 500 body, a model's text-only answer), in results
+(a revised prompt) and in health reports. Whatever a strategy did, the ``Generator`` base
+class runs every ``generate()`` and ``health()`` of every strategy through here (it wraps
+them when the subclass is defined): each ``ImageServerError`` message, each text of a
+``GenerationResult`` and each health detail leaves with the secrets replaced by ``***``.
+The secrets are the values of the environment variables a generator's config names
+(fields ending in ``_env``), and each half of an ``id:secret`` pair, so no strategy has to
+list them.
 """
 
 from __future__ import annotations
@@ -13,16 +15,30 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
 
 from image_server.errors import ImageServerError
-from image_server.generators.base import GenerationResult, Generator
+
+R = TypeVar("R")
+
+
+class HasSecrets(Protocol):
+    """What a generator shows of itself here (the base class cannot be imported: it imports us)."""
+
+    @property
+    def config(self) -> BaseModel: ...
+
+    @property
+    def environ(self) -> Mapping[str, str]: ...
+
 
 MIN_SECRET_CHARS = 4  # shorter values would blank out ordinary words
 MIN_PARTIAL_CHARS = 8  # a message cut mid-key keeps a prefix (or suffix) of it: that much is scrubbed too
 
 
-def generator_secrets(generator: Generator) -> list[str]:
+def generator_secrets(generator: HasSecrets) -> list[str]:
     """The secret values ``generator`` reads from its environment, longest first."""
     found: set[str] = set()
     for field, value in generator.config:
@@ -62,19 +78,20 @@ class Scrubber:
         exc.message = scrub_text(exc.message, self.secrets)
         exc.args = tuple(_scrub_value(arg, self.secrets) for arg in exc.args)
 
-    def result(self, result: GenerationResult) -> GenerationResult:
-        if not self.secrets:
+    def result(self, result: R) -> R:
+        """A dataclass result (``GenerationResult``, ``HealthReport``) with its text fields scrubbed."""
+        if not self.secrets or not dataclasses.is_dataclass(result) or isinstance(result, type):
             return result
-        return dataclasses.replace(
-            result,
-            prompt=None if result.prompt is None else scrub_text(result.prompt, self.secrets),
-            applied=_scrub_value(result.applied, self.secrets),
-            ignored=[scrub_text(item, self.secrets) for item in result.ignored],
-        )
+        changes = {
+            field.name: _scrub_value(getattr(result, field.name), self.secrets)
+            for field in dataclasses.fields(result)
+            if isinstance(getattr(result, field.name), str | list | dict)
+        }
+        return dataclasses.replace(result, **changes)
 
 
 @contextmanager
-def scrubbed_errors(generator: Generator) -> Iterator[Scrubber]:
+def scrubbed_errors(generator: HasSecrets) -> Iterator[Scrubber]:
     """Scrub the ``ImageServerError`` raised inside (and give the caller a ``Scrubber`` for
     results). Provider errors chained as ``__cause__`` are cut off: they quote the
     provider unscrubbed, and a traceback in the log would print them."""

@@ -151,6 +151,7 @@ class FakeOpenAI:
         self.served_files.clear()
         self.delay_s, self.malformed, self.answer_with_url = 0.0, None, False
         self.today, self.new_models = date.today(), ()
+        self.revised_prompt: str | None = None  # set: every image carries it (a model that echoes input)
         self.release = threading.Event()
 
     def fail_next(self, error: ScriptedError, times: int = 1) -> None:
@@ -334,6 +335,8 @@ class _Handler(JSONHandler):
                 data.append({"b64_json": base64.b64encode(image).decode()})
             if model == "dall-e-3":
                 data[-1]["revised_prompt"] = f"A detailed rendering of {params['prompt']}"
+            if self.fake.revised_prompt is not None:
+                data[-1]["revised_prompt"] = self.fake.revised_prompt
         payload: dict[str, Any] = {"created": int(time.time()), "data": data}
         if gpt:
             usage = {"input_tokens": 10, "output_tokens": 272 * n, "total_tokens": 10 + 272 * n}
