@@ -124,6 +124,7 @@ class FakeOpenAI:
 
     api_key: str = DEFAULT_KEY
     url: str = ""  # http://127.0.0.1:<port>, set once serving
+    revised_prompt: str | None = None  # set: every image carries it (a model that echoes its input)
     delay_s: float = 0.0  # before answering API calls; ended early when the fake shuts down
     malformed: Malformed | None = None  # a 200 whose body is broken this way
     answer_with_url: bool = False  # dall-e: URLs even when b64_json was asked for
@@ -151,7 +152,7 @@ class FakeOpenAI:
         self.served_files.clear()
         self.delay_s, self.malformed, self.answer_with_url = 0.0, None, False
         self.today, self.new_models = date.today(), ()
-        self.revised_prompt: str | None = None  # set: every image carries it (a model that echoes input)
+        self.revised_prompt = None
         self.release = threading.Event()
 
     def fail_next(self, error: ScriptedError, times: int = 1) -> None:
