@@ -9,12 +9,16 @@ keeps nudging until the terminal event arrives, and ignores duplicate terminal e
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import zmq
 import zmq.asyncio
@@ -28,6 +32,7 @@ from schemas import (
     RenderAccepted,
     RenderError,
     RenderRequest,
+    RequestConflict,
     ServiceStatus,
     StatusRequest,
     WireError,
@@ -39,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 RESEND_BYTES_PER_S = 20e6  # added to the first re-send interval: 2 s more for a 40 MB request
-_REPLY_TYPES = ("RenderAccepted", "RenderProgress", "ImageReady", "RenderError", "ServiceStatus")
+_REPLY_TYPES = ("RenderAccepted", "RenderProgress", "ImageReady", "RenderError", "RequestConflict", "ServiceStatus")
 
 
 class RenderFailed(Exception):
@@ -65,9 +70,30 @@ class RenderResult:
     event: ImageReady
     frames: list[bytes] = field(default_factory=list)
 
-    def image_bytes(self, index: int = 0) -> bytes | None:
-        frame = self.event.images[index].frame
-        return self.frames[frame] if frame is not None else None
+    def image_bytes(self, index: int = 0, *, fetch_url: bool = False) -> bytes:
+        """The encoded bytes of image ``index`` whatever the delivery: the extra frame
+        (``frames``), the base64 ``data`` (``inline``), the file (``file``, or a ``file://``
+        uri). A provider's http(s) URL (delivery ``url``) is downloaded only with
+        ``fetch_url=True`` (a blocking GET); without it a ``ValueError`` says so."""
+        image = self.event.images[index]
+        if image.frame is not None:
+            return self.frames[image.frame]
+        if image.data is not None:
+            return base64.b64decode(image.data)
+        if image.path is not None:
+            return Path(image.path).read_bytes()
+        uri = image.uri or ""
+        if uri.startswith("file://"):
+            return Path(url2pathname(urlsplit(uri).path)).read_bytes()
+        if uri.startswith(("http://", "https://")):
+            if not fetch_url:
+                raise ValueError(f"image {index} is at {uri}; call image_bytes(fetch_url=True) to download it")
+            import httpx  # only here: most clients never download
+
+            response = httpx.get(uri, timeout=60, follow_redirects=True)
+            response.raise_for_status()
+            return response.content
+        raise ValueError(f"image {index} carries no bytes, path or URI")
 
 
 @dataclass
@@ -120,6 +146,8 @@ class RenderClient:
             raise ValueError("CURVE needs both the client's key pair and the server's public key")
         self._curve = (curve_keys, curve_server_key) if curve_keys is not None and curve_server_key else None
         self.duplicates = 0
+        self.conflicts = 0  # RequestConflict notices: a message of ours named an id held by another request
+        self.callback_errors = 0  # exceptions raised by on_event (logged; reading goes on)
         self._pending: dict[str, _Pending] = {}
         self._statuses: dict[str, asyncio.Future[ServiceStatus]] = {}
         self._ready = asyncio.Event()
@@ -316,7 +344,18 @@ class RenderClient:
             self._ready.set()
             return
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                self.on_event(event)
+            except Exception:
+                # The user's callback must not kill the reader: every later render would time out.
+                self.callback_errors += 1
+                logger.exception("on_event raised on %s; events keep being read", type(event).__name__)
+        if isinstance(event, RequestConflict):
+            # Not an end: the request holding the id still ends once (and anyone may write our
+            # reply_to, so a conflict must never fail a pending render).
+            self.conflicts += 1
+            logger.warning("request %s: %s", event.request_id, event.message)
+            return
         if isinstance(event, ServiceStatus):
             future = self._statuses.get(event.request_id or "")
             if future is not None and not future.done():

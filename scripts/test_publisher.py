@@ -3,7 +3,8 @@
     uv run python scripts/test_publisher.py "a lighthouse at dusk" --count 20 --concurrency 5
     uv run python scripts/test_publisher.py "make it snow" --reference photo.jpg --generator falai_flux_i2i
 
-Exits non-zero when any request ends in a RenderError or times out.
+Exits 1 when any request ends in a RenderError or times out, 2 when no service answers
+within ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int)
     parser.add_argument("--height", type=int)
     parser.add_argument("--delivery", choices=["file", "inline", "frames", "url"], default="file")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each request")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the service, then for each request"
+    )
     parser.add_argument("--server-key", help="CURVE: the service's public key file (server.key)")
     parser.add_argument("--client-key", help="CURVE: this client's secret key file (client.key_secret)")
     return parser.parse_args(argv)
@@ -75,7 +78,11 @@ async def run(args: argparse.Namespace) -> int:
         args.requests, args.events, requests_kind=kind, curve_keys=client_keys, curve_server_key=server_key
     ) as client:  # type: ignore[arg-type]
         with console.status("waiting for the service's heartbeat..."):
-            await client.wait_ready(timeout=30)
+            try:
+                await client.wait_ready(timeout=args.timeout)
+            except TimeoutError as exc:
+                console.print(f"[red]no service[/red]: {exc} (is it running? see --requests / --events)")
+                return 2
         with Progress(
             TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:

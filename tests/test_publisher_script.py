@@ -57,3 +57,34 @@ async def test_publisher_exits_non_zero_on_any_error(service_factory):
         code, output = await run_publisher(service, "a test", "--generator", "missing", "--count", "2")
     assert code == 1
     assert output.count("unknown_generator") == 2
+
+
+async def test_timeout_bounds_the_wait_for_a_service_and_ends_without_a_traceback(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(SCRIPT),
+        "p",
+        "--requests",
+        f"tcp://127.0.0.1:{port}",
+        "--events",
+        f"tcp://127.0.0.1:{port}",
+        "--timeout",
+        "1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    started = time.monotonic()
+    async with asyncio.timeout(60):
+        output, _ = await process.communicate()
+    waited = time.monotonic() - started
+    text = output.decode()
+    assert process.returncode == 2, text
+    assert "no service" in text and "Traceback" not in text, text
+    assert waited < 25, waited  # 1 s of waiting plus start-up, not the 30 s it used to be
