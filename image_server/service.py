@@ -434,7 +434,7 @@ class ImageService:
 
     def _cooling_down_until(self, name: str) -> float | None:
         """When ``name``'s cool-down ends, as a wall-clock epoch (the tracker keeps monotonic time)."""
-        tracker = self.pipeline.cooldowns
+        tracker = self.manager.cooldowns
         until = tracker.cooling_until(name)
         return None if until is None else time.time() + (until - tracker.clock())
 
