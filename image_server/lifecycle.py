@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,8 +22,9 @@ from image_server.journal import QuotaExceeded, Recording
 from image_server.outbox import Outbox, Terminal
 from image_server.outcomes import error_event
 from image_server.pipeline import RenderPipeline, RenderPlan
-from image_server.precheck import precheck_embedded_references
+from image_server.precheck import has_embedded_references, precheck_embedded_references
 from image_server.progress import ProgressThrottle
+from image_server.shares import ClientShares
 from schemas import RenderError, RenderProgress, RenderRequest
 
 logger = logging.getLogger(__name__)
@@ -67,16 +67,12 @@ class RequestTracker:
         self.scheduler = pipeline.manager.scheduler
         self.active: dict[str, Active] = {}
         self._channels: dict[tuple[str, str], str] = {}  # (owner, channel) -> request id
-        self._per_client: Counter[str] = Counter()
+        self.shares = ClientShares(limits)
         self._refusing: set[asyncio.Task[None]] = set()
 
     @property
     def queued(self) -> int:
         return len(self.active) - self.scheduler.in_flight
-
-    @property
-    def capacity(self) -> int:
-        return self.limits.max_in_flight + self.limits.max_queued
 
     def tasks(self) -> list[asyncio.Task[None]]:
         return [a.task for a in self.active.values() if a.task is not None] + list(self._refusing)
@@ -112,7 +108,7 @@ class RequestTracker:
                     request_id=rid,
                 )
             plan = self.pipeline.admit(request, client=ticket.owner)
-            self._check_capacity(ticket)
+            self.shares.check(ticket.owner)
         except ImageServerError as exc:
             self.counters["rejected"] += 1
             logger.info("! %s refused: %s", rid, exc.message)
@@ -129,19 +125,6 @@ class RequestTracker:
         self._refusing.add(task)
         task.add_done_callback(self._refusing.discard)
 
-    def _check_capacity(self, ticket: Ticket) -> None:
-        if len(self.active) >= self.capacity:
-            raise Overloaded(f"service is at capacity ({len(self.active)} requests); try again later")
-        held = self._per_client[ticket.owner]
-        share = math.ceil(self.limits.max_client_share * self.capacity)
-        cap = min(share, self.limits.max_in_flight_per_client or share)
-        if held >= cap:
-            who = ticket.owner or "anonymous clients"
-            raise Overloaded(
-                f"client {who} already has {held} requests queued or in flight, its share of {cap} "
-                "(limits.max_client_share, limits.max_in_flight_per_client); wait for some to finish"
-            )
-
     async def _admit_and_run(self, active: Active) -> None:
         """Check what is cheap, journal the request, publish RenderAccepted, then render (or
         answer a repeat)."""
@@ -151,7 +134,8 @@ class RequestTracker:
         try:
             # Before journaling: a request whose embedded images are broken or too big must
             # not cost the disk its megabytes (only a small refusal row is kept).
-            await asyncio.to_thread(precheck_embedded_references, request, active.frames, self.references)
+            if has_embedded_references(request):
+                await asyncio.to_thread(precheck_embedded_references, request, active.frames, self.references)
             # Re-serializing a request with megabytes of inline images would hold the loop
             # for tens of ms; the bytes as received say the same.
             body = active.raw if active.raw is not None else request.model_dump_json().encode()
@@ -211,15 +195,12 @@ class RequestTracker:
     def _track(self, active: Active) -> None:
         self.outbox.hold(active.ticket)
         self.active[active.request.request_id] = active
-        self._per_client[active.ticket.owner] += 1
+        self.shares.add(active.ticket.owner)
 
     def _untrack(self, active: Active) -> None:
         if self.active.get(active.request.request_id) is active:
             del self.active[active.request.request_id]
-            key = active.ticket.owner
-            self._per_client[key] -= 1
-            if self._per_client[key] <= 0:
-                del self._per_client[key]
+            self.shares.remove(active.ticket.owner)
 
     # -- ending requests early: only the client's own ---------------------------------
 

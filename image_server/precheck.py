@@ -17,6 +17,17 @@ from image_server.references import decode_base64_source, open_header
 from schemas import ImageSource, RenderRequest
 
 
+def has_embedded_references(request: RenderRequest) -> bool:
+    """Cheap, on the loop: whether there is anything here to check (most requests: no)."""
+    sources = [*request.all_references(), *([request.depth_map] if request.depth_map is not None else [])]
+    return any(
+        source.frame is not None
+        or source.image_data is not None
+        or (source.uri or "").strip()[:5].lower() == "data:"
+        for source in sources
+    )
+
+
 def precheck_embedded_references(
     request: RenderRequest, frames: Sequence[bytes | bytearray], config: ReferencesConfig
 ) -> None:
