@@ -158,11 +158,14 @@ class Outbox:
             return force
         if recorded.state is Recording.NEW:
             return True
-        if not force:
-            await self.conflict(ticket, "this id belongs to another request; this message was ignored")
-        else:
+        if force and recorded.state is Recording.FINISHED:
+            # A request ended before it was journaled (cancelled right away) whose id had
+            # finished before: it was a repeat, and the stored event is its answer.
             self.counters["terminal_withheld"] += 1
-            logger.error("%s already had a terminal event in the journal; the new one is withheld", ticket.request_id)
+            logger.warning("%s already had a terminal event; that one is sent again", ticket.request_id)
+            await self.replay(ticket, recorded)
+        else:
+            await self.conflict(ticket, "this id belongs to another request; this message was ignored")
         return False
 
     async def _wait_for_audience(self, ticket: Ticket, event: Terminal) -> None:

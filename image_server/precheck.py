@@ -21,9 +21,7 @@ def has_embedded_references(request: RenderRequest) -> bool:
     """Cheap, on the loop: whether there is anything here to check (most requests: no)."""
     sources = [*request.all_references(), *([request.depth_map] if request.depth_map is not None else [])]
     return any(
-        source.frame is not None
-        or source.image_data is not None
-        or (source.uri or "").strip()[:5].lower() == "data:"
+        source.frame is not None or source.image_data is not None or (source.uri or "").strip()[:5].lower() == "data:"
         for source in sources
     )
 

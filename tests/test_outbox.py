@@ -128,3 +128,17 @@ async def test_a_resumed_result_waits_for_a_subscriber_to_its_topic(wired):
     outbox.audience.observe(b"\x01ImageReady/carol")
     assert await finishing
     assert [type(m) for m in await wired.received(1)] == [ImageReady]
+
+
+async def test_a_request_ended_before_journaling_whose_id_had_finished_gets_the_stored_event(wired):
+    first = Ticket("r-7", "reply_to:dave", "dave")
+    wired.outbox.hold(first)
+    assert await wired.outbox.finish(first, ready("r-7"))
+    # The same client's repeat, cancelled before it was journaled: no second terminal event,
+    # the stored one again (the same content).
+    again = Ticket("r-7", "reply_to:dave", "dave")
+    wired.outbox.hold(again)
+    assert not await wired.outbox.finish(again, RenderError(request_id="r-7", code="cancelled", message="x"))
+    original, replayed = await wired.received(2)
+    assert isinstance(replayed, ImageReady)
+    assert original.model_dump(exclude={"seq"}) == replayed.model_dump(exclude={"seq"})
