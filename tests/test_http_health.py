@@ -89,7 +89,8 @@ async def test_metrics_count_known_traffic(service_factory, client_for, raw_peer
     assert value(parsed, "image_server_messages_refused_total", reason="undecodable") == 1
     assert value(parsed, "image_server_events_published_total", type="ImageReady") == 4
     assert value(parsed, "image_server_events_published_total", type="RenderAccepted") >= 4
-    assert value(parsed, "image_server_journal_rows") == 4
+    # Four renders and the two refusals (unknown-1, bad-1): a refusal is its id's terminal event too.
+    assert value(parsed, "image_server_journal_rows") == 6
     assert value(parsed, "image_server_journal_unfinished") == 0
     assert value(parsed, "image_server_journal_bytes") > 0
     assert value(parsed, "image_server_queue_depth", generator="mock") == 0
