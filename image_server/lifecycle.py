@@ -13,10 +13,11 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from image_server.active import Active
 from image_server.config import LimitsConfig, ReferencesConfig
-from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Overloaded, Superseded
+from image_server.endings import Endings
+from image_server.errors import ImageServerError, InvalidRequest, Overloaded, Superseded
 from image_server.identity import Ticket, owner_key
 from image_server.journal import QuotaExceeded, Recording
 from image_server.outbox import Outbox, Terminal
@@ -28,26 +29,6 @@ from image_server.shares import ClientShares
 from schemas import RenderError, RenderProgress, RenderRequest
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Active:
-    request: RenderRequest
-    ticket: Ticket
-    plan: RenderPlan
-    received_at: float
-    task: asyncio.Task[None] | None = None
-    accepted: bool = False  # journaled and RenderAccepted published
-    end_reason: ImageServerError | None = None
-    throttle: ProgressThrottle | None = None
-    started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
-    raw: bytes | bytearray | None = None  # the request's JSON as received, journaled as is
-    frames: Sequence[bytes | bytearray] = ()  # images sent as extra frames (ImageSource.frame)
-    resumed: bool = False  # taken up again from the journal after a restart
-
-    @property
-    def generator(self) -> str:
-        return self.plan.generator
 
 
 class RequestTracker:
@@ -66,7 +47,7 @@ class RequestTracker:
         self.counters = counters
         self.scheduler = pipeline.manager.scheduler
         self.active: dict[str, Active] = {}
-        self._channels: dict[tuple[str, str], str] = {}  # (owner, channel) -> request id
+        self.endings = Endings(self.active, self.scheduler, counters)
         self.shares = ClientShares(limits)
         self._refusing: set[asyncio.Task[None]] = set()
 
@@ -183,9 +164,11 @@ class RequestTracker:
             extra={"request_id": request.request_id, "generator": active.generator},
         )
         if request.clear_queue:
-            self._end_queued(active, Superseded("cleared by a request with clear_queue", request_id=request.request_id))
+            self.endings.end_queued(
+                active, Superseded("cleared by a request with clear_queue", request_id=request.request_id)
+            )
         if request.channel:
-            self._supersede_channel(active)
+            self.endings.supersede_channel(active)
         active.accepted = True
         await self.outbox.accepted(active.ticket, active.generator, self._position(active))
 
@@ -202,30 +185,12 @@ class RequestTracker:
             del self.active[active.request.request_id]
             self.shares.remove(active.ticket.owner)
 
-    # -- ending requests early: only the client's own ---------------------------------
+    # -- ending requests early: only the client's own (endings.py) ------------------
 
     def cancel(self, request_id: str, *, reply_to: str | None = None, user_id: str | None = None) -> bool:
         """End ``request_id`` with ``cancelled``; False when it is not in flight or belongs to
         another client."""
-        active = self.active.get(request_id)
-        if active is None:
-            return False
-        if active.ticket.owner != owner_key(user_id, reply_to):
-            self.counters["foreign_cancels"] += 1
-            logger.warning("cancel for %s refused: it belongs to another client", request_id)
-            return False
-        self._end(active, Cancelled("cancelled by request", request_id=request_id))
-        return True
-
-    def _end(self, active: Active, reason: ImageServerError) -> None:
-        """Cancel a request's task; the task itself publishes ``reason`` as its terminal event."""
-        if active.end_reason is None and active.task is not None:
-            active.end_reason = reason
-            # A task cancelled before its first step never runs its handlers and the request
-            # would vanish (a CancelRequest right behind its RenderRequest does that); a task
-            # that has not started finds end_reason when it does.
-            if active.started:
-                active.task.cancel()
+        return self.endings.cancel(request_id, owner_key(user_id, reply_to))
 
     async def _ended_before_start(self, active: Active) -> bool:
         """Mark the task started; if the request was ended before that, publish its end."""
@@ -234,23 +199,6 @@ class RequestTracker:
             return False
         await self._finish(active, error_event(active.end_reason, active.request, generator=active.generator))
         return True
-
-    def _supersede_channel(self, active: Active) -> None:
-        request = active.request
-        assert request.channel is not None
-        key = (active.ticket.owner, request.channel)
-        older = self.active.get(self._channels.get(key, ""))
-        if older is not None and older.ticket.owner == active.ticket.owner:
-            self._end(older, Superseded(f"superseded by {request.request_id} on channel {request.channel}"))
-        self._channels[key] = request.request_id
-
-    def _end_queued(self, clearing: Active, reason: ImageServerError) -> None:
-        """End every request of the same client that has not started rendering."""
-        for active in list(self.active.values()):
-            if active is clearing or active.ticket.owner != clearing.ticket.owner:
-                continue
-            if self.scheduler.position(active.request.request_id) is not None:
-                self._end(active, reason)
 
     # -- running ----------------------------------------------------------------------
 
@@ -314,9 +262,7 @@ class RequestTracker:
         if active.throttle is not None:
             active.throttle.cancel()  # no progress after the terminal event
         self._untrack(active)
-        key = (active.ticket.owner, request.channel or "")
-        if request.channel and self._channels.get(key) == rid:
-            del self._channels[key]
+        self.endings.forget(active)
         if isinstance(event, RenderError):
             self.counters["failed"] += 1
             logger.info(
@@ -362,7 +308,7 @@ class RequestTracker:
             self.counters["resumed"] += 1
             logger.info("↻ %s resumed", request.request_id)
             if request.channel:
-                self._supersede_channel(active)
+                self.endings.supersede_channel(active)
             active.task = asyncio.create_task(self._resume_one(active), name=f"render:{request.request_id}")
 
     async def _resume_one(self, active: Active) -> None:

@@ -19,6 +19,7 @@ import httpx
 import zmq
 import zmq.asyncio
 
+from image_server.active import Active
 from image_server.audience import Audience
 from image_server.compat import PlainJsonPublisher, make_publisher
 from image_server.config import ServiceConfig
@@ -26,7 +27,7 @@ from image_server.health import ServiceProbe
 from image_server.httpcount import counting_http_responses
 from image_server.identity import Ticket, curve_user_id, owner_key
 from image_server.journal import Journal
-from image_server.lifecycle import Active, RequestTracker
+from image_server.lifecycle import RequestTracker
 from image_server.logs import RateLimitedLog
 from image_server.looplag import LoopLagMonitor
 from image_server.manager import GeneratorManager

@@ -1,0 +1,33 @@
+"""One request in flight: what the tracker, its early endings and its task share."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from image_server.errors import ImageServerError
+from image_server.identity import Ticket
+from image_server.pipeline import RenderPlan
+from image_server.progress import ProgressThrottle
+from schemas import RenderRequest
+
+
+@dataclass
+class Active:
+    request: RenderRequest
+    ticket: Ticket
+    plan: RenderPlan
+    received_at: float
+    task: asyncio.Task[None] | None = None
+    accepted: bool = False  # journaled and RenderAccepted published
+    end_reason: ImageServerError | None = None
+    throttle: ProgressThrottle | None = None
+    started: bool = False  # its task has begun to run, so cancelling it reaches its handlers
+    raw: bytes | bytearray | None = None  # the request's JSON as received, journaled as is
+    frames: Sequence[bytes | bytearray] = ()  # images sent as extra frames (ImageSource.frame)
+    resumed: bool = False  # taken up again from the journal after a restart
+
+    @property
+    def generator(self) -> str:
+        return self.plan.generator
