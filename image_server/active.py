@@ -31,3 +31,9 @@ class Active:
     @property
     def generator(self) -> str:
         return self.plan.generator
+
+    @property
+    def estimated_cost(self) -> float | None:
+        """For RenderAccepted: the plan's estimate (a batch: once per member)."""
+        estimate: float | None = getattr(self.plan, "estimated_cost", None)
+        return estimate * len(self.request.prompts) if estimate is not None and self.request.prompts else estimate

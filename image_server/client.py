@@ -26,6 +26,7 @@ import zmq.asyncio
 from image_server.security import KeyPair, make_client
 from image_server.sequence import SeqTracker
 from schemas import (
+    BatchDone,
     CancelRequest,
     Heartbeat,
     ImageReady,
@@ -44,7 +45,15 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 RESEND_BYTES_PER_S = 20e6  # added to the first re-send interval: 2 s more for a 40 MB request
-_REPLY_TYPES = ("RenderAccepted", "RenderProgress", "ImageReady", "RenderError", "RequestConflict", "ServiceStatus")
+_REPLY_TYPES = (
+    "RenderAccepted",
+    "RenderProgress",
+    "ImageReady",
+    "RenderError",
+    "BatchDone",
+    "RequestConflict",
+    "ServiceStatus",
+)
 
 
 class RenderFailed(Exception):
@@ -97,10 +106,20 @@ class RenderResult:
 
 
 @dataclass
+class BatchResult:
+    """A batch's ``BatchDone`` and its members' own answers by index (a member whose event
+    was lost on the way is missing here; ``done.members`` still says how it ended)."""
+
+    done: BatchDone
+    members: dict[int, RenderResult | RenderError] = field(default_factory=dict)
+
+
+@dataclass
 class _Pending:
     accepted_by: str | None = None  # service_id of the RenderAccepted
     last_heard: float = 0.0  # monotonic time of the last event about this request
-    done: asyncio.Future[RenderResult | RenderError] = field(
+    members: dict[int, RenderResult | RenderError] | None = None  # a batch's, as they arrive
+    done: asyncio.Future[RenderResult | RenderError | BatchDone] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -219,6 +238,43 @@ class RenderClient:
         with ``ImageSource(frame=i)``. Raises ``RenderFailed`` on a ``RenderError`` and
         ``TimeoutError`` when no terminal event arrives within ``timeout`` seconds.
         """
+        if fields.get("prompts") or (request is not None and request.prompts):
+            raise TypeError("a request with 'prompts' is a batch: send it with render_batch()")
+        outcome = await self._submit(request, timeout, images, fields, batch=False)
+        if isinstance(outcome, RenderError):
+            raise RenderFailed(outcome)
+        assert isinstance(outcome, RenderResult)
+        return outcome
+
+    async def render_batch(
+        self,
+        prompts: Sequence[str],
+        *,
+        timeout: float = 300.0,
+        images: Sequence[bytes] = (),
+        **fields: Any,
+    ) -> BatchResult:
+        """Send one request with several ``prompts`` (a batch); return once its ``BatchDone``
+        arrives, with each member's own answer. Raises ``RenderFailed`` when the batch
+        itself is refused, and ``TimeoutError`` as ``render`` does."""
+        fields["prompts"] = list(prompts)
+        pending_members: dict[int, RenderResult | RenderError] = {}
+        outcome = await self._submit(None, timeout, images, fields, batch=True, members=pending_members)
+        if isinstance(outcome, RenderError):
+            raise RenderFailed(outcome)
+        assert isinstance(outcome, BatchDone)
+        return BatchResult(outcome, pending_members)
+
+    async def _submit(
+        self,
+        request: RenderRequest | None,
+        timeout: float,
+        images: Sequence[bytes],
+        fields: dict[str, Any],
+        *,
+        batch: bool,
+        members: dict[int, RenderResult | RenderError] | None = None,
+    ) -> RenderResult | RenderError | BatchDone:
         if request is None:
             fields.setdefault("request_id", uuid.uuid4().hex)
             request = RenderRequest(**fields)
@@ -231,6 +287,8 @@ class RenderClient:
                 "(send reference images as URIs instead of inline data)"
             )
         pending = self._pending.setdefault(request.request_id, _Pending())
+        if batch:
+            pending.members = members if members is not None else {}
         try:
             async with asyncio.timeout(timeout):
                 await self.wait_ready(timeout)
@@ -239,11 +297,11 @@ class RenderClient:
             raise TimeoutError(f"no answer to {request.request_id} within {timeout:g} s") from None
         finally:
             self._pending.pop(request.request_id, None)
-        if isinstance(outcome, RenderError):
-            raise RenderFailed(outcome)
         return outcome
 
-    async def _send_until_done(self, frames: list[bytes], pending: _Pending, size: int) -> RenderResult | RenderError:
+    async def _send_until_done(
+        self, frames: list[bytes], pending: _Pending, size: int
+    ) -> RenderResult | RenderError | BatchDone:
         """Send, then re-send with the same request_id while it may have been lost.
 
         Until ``RenderAccepted``: every ``resend_interval_s``, growing to the maximum (the
@@ -361,6 +419,13 @@ class RenderClient:
             if future is not None and not future.done():
                 future.set_result(event)
             return
+        batch = self._pending.get(getattr(event, "batch_id", None) or "")
+        if batch is not None and batch.members is not None and isinstance(event, ImageReady | RenderError):
+            batch.last_heard = asyncio.get_running_loop().time()
+            batch.members[event.batch_index or 0] = (
+                RenderResult(event, blobs) if isinstance(event, ImageReady) else event
+            )
+            return
         pending = self._pending.get(getattr(event, "request_id", ""))
         if pending is None:
             if isinstance(event, ImageReady | RenderError):
@@ -369,7 +434,7 @@ class RenderClient:
         pending.last_heard = asyncio.get_running_loop().time()
         if isinstance(event, RenderAccepted):
             pending.accepted_by = event.service_id
-        elif isinstance(event, ImageReady | RenderError):
+        elif isinstance(event, ImageReady | RenderError | BatchDone):
             if pending.done.done():
                 self.duplicates += 1
             else:

@@ -17,9 +17,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from image_server.cache.settings import CacheConfig
 from image_server.errors import ConfigError
 from image_server.generators.base import GeneratorConfig
 from image_server.generators.registry import validate_generator_config
+from image_server.prompting.settings import PromptingConfig
+from image_server.spend.hedging import HedgeConfig
+from image_server.spend.settings import SpendConfig
 
 ENV_PREFIX = "IMAGE_SERVER_"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -194,6 +198,10 @@ class ServiceConfig(_Section):
     console: ConsoleConfig = ConsoleConfig()
     log: LogConfig = LogConfig()
     compat: CompatConfig = CompatConfig()
+    spend: SpendConfig = SpendConfig()
+    cache: CacheConfig = CacheConfig()
+    prompting: PromptingConfig = PromptingConfig()
+    hedging: dict[str, HedgeConfig] = Field(default_factory=dict)  # by generator: off unless listed
     generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -209,6 +217,10 @@ class ServiceConfig(_Section):
         if self.generators and self.default_generator not in self.generators:
             names = ", ".join(sorted(self.generators))
             raise ValueError(f"default_generator {self.default_generator!r} is not configured (configured: {names})")
+        for name, hedge in self.hedging.items():
+            unknown = {name, hedge.hedge} - set(self.generators) if self.generators else set()
+            if unknown or hedge.hedge == name:
+                raise ValueError(f"hedging.{name}: needs two different configured generators (hedge {hedge.hedge!r})")
         return self
 
 

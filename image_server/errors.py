@@ -8,6 +8,7 @@ ImageServerError
     Overloaded                        queue or in-flight bound reached         overloaded
     Cancelled                         a CancelRequest ended it                 cancelled
     Superseded                        a newer request on its channel           superseded
+    OverBudget                        max_cost or a generator's budget         over_budget
   ReferenceImageError                 a reference image can't be used          reference_image
   StorageFailed                       output dir full or not writable          storage (retryable)
   GeneratorError
@@ -40,6 +41,7 @@ __all__ = [
     "GeneratorUnavailable",
     "ImageServerError",
     "InvalidRequest",
+    "OverBudget",
     "Overloaded",
     "PromptTooLong",
     "RateLimited",
@@ -105,6 +107,13 @@ class Cancelled(RequestRejected):
 
 class Superseded(RequestRejected):
     code = "superseded"
+
+
+class OverBudget(RequestRejected):
+    """Refused before anything was spent: the estimate exceeds the request's ``max_cost``, or
+    every generator that could serve it has spent its daily or monthly budget."""
+
+    code = "over_budget"
 
 
 class ReferenceImageError(ImageServerError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from image_server.errors import ImageServerError
+from image_server.frugal import FrugalPipeline
 from image_server.generators.registry import get_generator_class
 from image_server.journal import Journal
 from image_server.looplag import LoopLagMonitor
@@ -90,6 +91,14 @@ class ServiceProbe:
         if self.journal is not None:
             rows, unfinished = await self.journal.stats()
             size = await asyncio.to_thread(self.journal.size_bytes)
+        spent = {}
+        over: dict[str, bool] = {}
+        cache: dict[str, int] = {}
+        if isinstance(self.pipeline, FrugalPipeline):
+            ledger = self.pipeline.spend.ledger
+            spent = {name: ledger.spent(name) for name in names}
+            over = {name: ledger.over_budget(name) is not None for name in names}
+            cache = self.pipeline.reuse.stats()
         self.metrics.live = LiveState(
             queued={name: waiting.get(name, 0) for name in names},
             in_flight={name: scheduler.running(name) for name in names},
@@ -99,5 +108,9 @@ class ServiceProbe:
             journal_unfinished=unfinished,
             loop_lag_s=self.lag.take_worst(),
             counters=dict(self.counters),
+            spent_today={name: pair[0] for name, pair in spent.items()},
+            spent_month={name: pair[1] for name, pair in spent.items()},
+            over_budget=over,
+            cache=cache,
         )
         return self.metrics.exposition()

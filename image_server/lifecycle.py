@@ -15,9 +15,10 @@ from collections import Counter
 from collections.abc import Sequence
 
 from image_server.active import Active
+from image_server.batches import BatchRunner
 from image_server.config import LimitsConfig, ReferencesConfig
 from image_server.endings import Endings
-from image_server.errors import ImageServerError, InvalidRequest, Overloaded, Superseded
+from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Overloaded, Superseded
 from image_server.identity import Ticket, owner_key
 from image_server.journal import QuotaExceeded, Recording
 from image_server.outbox import Outbox, Terminal
@@ -26,7 +27,7 @@ from image_server.pipeline import RenderPipeline, RenderPlan
 from image_server.precheck import has_embedded_references, precheck_embedded_references
 from image_server.progress import ProgressThrottle
 from image_server.shares import ClientShares
-from schemas import RenderError, RenderProgress, RenderRequest
+from schemas import BatchDone, ImageReady, RenderError, RenderProgress, RenderRequest
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class RequestTracker:
         self.endings = Endings(self.active, self.scheduler, counters)
         self.shares = ClientShares(limits)
         self._refusing: set[asyncio.Task[None]] = set()
+        self._waiters: dict[str, asyncio.Future[ImageReady | RenderError]] = {}  # batch members' ends
+        self._resumed = asyncio.Event()
+        self.batches = BatchRunner(self._expect, self._resumed)
+        outbox.observers.append(self._notify)
 
     @property
     def queued(self) -> int:
@@ -79,7 +84,9 @@ class RequestTracker:
             elif active.accepted:
                 # Idempotency: a repeat of a request in flight only gets its acceptance again
                 # (once it is journaled; until then the client's next re-send will do).
-                await self.outbox.accepted(active.ticket, active.generator, self._position(active))
+                await self.outbox.accepted(
+                    active.ticket, active.generator, self._position(active), active.estimated_cost
+                )
             return
         try:
             missing = sorted(index for index in request.frames_used() if index >= len(frames))
@@ -88,12 +95,12 @@ class RequestTracker:
                     f"image frame(s) {missing} not in the message: it has {len(frames)} extra frame(s)",
                     request_id=rid,
                 )
-            plan = self.pipeline.admit(request, client=ticket.owner)
+            plan = self._admit(request, ticket.owner)
             self.shares.check(ticket.owner)
         except ImageServerError as exc:
             self.counters["rejected"] += 1
             logger.info("! %s refused: %s", rid, exc.message)
-            self.refuse(ticket, error_event(exc, request, generator=request.generator))
+            self.refuse(ticket, _in_batch(error_event(exc, request, generator=request.generator), request))
             return
         active = Active(request, ticket, plan, time.perf_counter(), raw=raw, frames=frames)
         self._track(active)
@@ -170,7 +177,7 @@ class RequestTracker:
         if request.channel:
             self.endings.supersede_channel(active)
         active.accepted = True
-        await self.outbox.accepted(active.ticket, active.generator, self._position(active))
+        await self.outbox.accepted(active.ticket, active.generator, self._position(active), active.estimated_cost)
 
     def _position(self, active: Active) -> int:
         return self.scheduler.position(active.request.request_id) or 0
@@ -190,7 +197,17 @@ class RequestTracker:
     def cancel(self, request_id: str, *, reply_to: str | None = None, user_id: str | None = None) -> bool:
         """End ``request_id`` with ``cancelled``; False when it is not in flight or belongs to
         another client."""
-        return self.endings.cancel(request_id, owner_key(user_id, reply_to))
+        owner = owner_key(user_id, reply_to)
+        active = self.active.get(request_id)
+        if active is not None and active.request.prompts and active.ticket.owner == owner:
+            # A batch ends with its BatchDone: cancelling it ends its members, which it sums up.
+            self.batches.cancel(request_id)
+            for member in [a for a in self.active.values() if a.request.batch_id == request_id]:
+                self.endings.end(
+                    member, Cancelled(f"batch {request_id} cancelled", request_id=member.request.request_id)
+                )
+            return True
+        return self.endings.cancel(request_id, owner)
 
     async def _ended_before_start(self, active: Active) -> bool:
         """Mark the task started; if the request was ended before that, publish its end."""
@@ -209,6 +226,10 @@ class RequestTracker:
             # The request joins the scheduler's queue when pipeline.run asks for a slot, that
             # is when this task first yields: report its place then, if it really waits.
             asyncio.get_running_loop().call_soon(self._report_queued, active)
+            if request.prompts:
+                done = await self.batches.run(request, lambda member: self._submit_member(active, member))
+                await asyncio.shield(self._finish(active, done))
+                return
             outcome = await self.pipeline.run(
                 request,
                 active.plan,
@@ -259,11 +280,16 @@ class RequestTracker:
         """Stop tracking ``active``; the Outbox journals its terminal event, then sends it."""
         request = active.request
         rid = request.request_id
+        if not isinstance(event, BatchDone):
+            event = _in_batch(event, request)
         if active.throttle is not None:
             active.throttle.cancel()  # no progress after the terminal event
         self._untrack(active)
         self.endings.forget(active)
-        if isinstance(event, RenderError):
+        if isinstance(event, BatchDone):
+            self.counters["batches"] += 1
+            logger.info("← %s batch: %d ok, %d failed", rid, event.succeeded, event.failed)
+        elif isinstance(event, RenderError):
             self.counters["failed"] += 1
             logger.info(
                 "! %s %s: %s",
@@ -288,6 +314,12 @@ class RequestTracker:
     async def resume(self) -> None:
         """Restart every accepted request that has no terminal record (after a crash). Their
         results wait for a subscriber (``Outbox``), so clients coming back hear them."""
+        try:
+            await self._resume()
+        finally:
+            self._resumed.set()  # batches may submit their members now
+
+    async def _resume(self) -> None:
         journal = self.outbox.journal
         if journal is None:
             return
@@ -296,7 +328,7 @@ class RequestTracker:
             frames = await journal.request_frames(request.request_id) if request.frames_used() else []
             ticket = Ticket(request.request_id, entry.owner or owner_key(None, request.reply_to), request.reply_to)
             try:
-                plan = self.pipeline.admit(request, client=ticket.owner)
+                plan = self._admit(request, ticket.owner)
             except ImageServerError as exc:  # e.g. the generator was removed from the config
                 plan = RenderPlan([entry.generator], {}, client=ticket.owner)
                 active = Active(request, ticket, plan, time.perf_counter(), accepted=True, resumed=True)
@@ -314,5 +346,36 @@ class RequestTracker:
     async def _resume_one(self, active: Active) -> None:
         if await self._ended_before_start(active):
             return
-        await self.outbox.accepted(active.ticket, active.generator, self._position(active))
+        await self.outbox.accepted(active.ticket, active.generator, self._position(active), active.estimated_cost)
         await self._run(active)
+
+    # -- batches ----------------------------------------------------------------------
+
+    def _admit(self, request: RenderRequest, owner: str) -> RenderPlan:
+        """A batch is admitted as its first member would be (same generator and parameters)."""
+        return self.pipeline.admit(request.batch_members()[0] if request.prompts else request, client=owner)
+
+    async def _submit_member(self, batch: Active, member: RenderRequest) -> None:
+        """A member arrives as its own request from the batch's sender."""
+        owner = batch.ticket.owner
+        user_id = owner.removeprefix("curve:") if owner.startswith("curve:") else None
+        await self.on_render(member, frames=batch.frames, user_id=user_id)
+
+    def _expect(self, request_id: str) -> asyncio.Future[ImageReady | RenderError]:
+        future: asyncio.Future[ImageReady | RenderError] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = future
+        return future
+
+    def _notify(self, event: Terminal) -> None:
+        """The Outbox sent a terminal event: hand a batch member's to its batch."""
+        if isinstance(event, ImageReady | RenderError):
+            waiter = self._waiters.pop(event.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+
+
+def _in_batch(event: ImageReady | RenderError, request: RenderRequest) -> ImageReady | RenderError:
+    """A member's terminal event names its batch and index."""
+    if request.batch_id is None:
+        return event
+    return event.model_copy(update={"batch_id": request.batch_id, "batch_index": request.batch_index})

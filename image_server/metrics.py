@@ -38,6 +38,10 @@ class LiveState:
     journal_unfinished: int = 0
     loop_lag_s: float = 0.0
     counters: Mapping[str, int] = field(default_factory=dict)  # ImageService.counters
+    spent_today: Mapping[str, float] = field(default_factory=dict)  # per generator, UTC day
+    spent_month: Mapping[str, float] = field(default_factory=dict)  # per generator, UTC month
+    over_budget: Mapping[str, bool] = field(default_factory=dict)
+    cache: Mapping[str, int] = field(default_factory=dict)  # ResultReuse.stats()
 
 
 class ServiceMetrics:
@@ -70,6 +74,18 @@ class ServiceMetrics:
             "image_server_http_responses",
             "HTTP responses received from providers and reference hosts",
             ["host", "status"],
+            registry=r,
+        )
+        self.spend = Counter(
+            "image_server_spend",
+            "What renders cost, in the price table's currency (a cache hit or a coalesced answer costs nothing)",
+            ["generator"],
+            registry=r,
+        )
+        self.reused = Counter(
+            "image_server_reused_answers",
+            "Requests answered with another render's images, by where from (cache or coalesced)",
+            ["generator", "source"],
             registry=r,
         )
         self.outcomes: Tally[str] = Tally()  # "ok" or error code, for the shutdown summary
@@ -113,6 +129,10 @@ class ServiceMetrics:
         if not self.enabled:
             return
         self.requests.labels(event.generator, "ok").inc()
+        if event.cost:
+            self.spend.labels(event.generator).inc(event.cost)
+        if event.cached_from is not None:
+            self.reused.labels(event.generator, "cache" if event.cached else "coalesced").inc()
         timings = event.timings
         children = self._stage_children.get(event.generator)
         if children is None:
@@ -149,6 +169,13 @@ class _LiveCollector(Collector):
                 "1 while a generator is skipped after repeated failures",
                 {name: int(flag) for name, flag in live.cooling_down.items()},
             ),
+            ("image_server_spent_today", "Spent today (UTC) per generator", live.spent_today),
+            ("image_server_spent_month", "Spent this calendar month (UTC) per generator", live.spent_month),
+            (
+                "image_server_generator_over_budget",
+                "1 while a generator's daily or monthly budget is spent",
+                {name: int(flag) for name, flag in live.over_budget.items()},
+            ),
         )
         for name, documentation, values in per_generator:
             gauge = GaugeMetricFamily(name, documentation, labels=["generator"])
@@ -157,6 +184,12 @@ class _LiveCollector(Collector):
             yield gauge
         yield GaugeMetricFamily(
             "image_server_journal_bytes", "Journal file size (with its WAL)", value=live.journal_bytes
+        )
+        yield GaugeMetricFamily(
+            "image_server_cache_entries", "Results in the result cache", value=live.cache.get("cache_entries", 0)
+        )
+        yield GaugeMetricFamily(
+            "image_server_cache_bytes", "Bytes in the result cache", value=live.cache.get("cache_bytes", 0)
         )
         yield GaugeMetricFamily("image_server_journal_rows", "Requests in the journal", value=live.journal_rows)
         yield GaugeMetricFamily(

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from image_server.audience import Audience
 from image_server.identity import Ticket
 from image_server.journal import Journal, QuotaExceeded, Recorded, Recording
 from image_server.publisher import EventPublisher
-from schemas import MESSAGE_ADAPTER, ImageReady, RenderAccepted, RenderError, RequestConflict, event_topic
+from schemas import MESSAGE_ADAPTER, BatchDone, ImageReady, RenderAccepted, RenderError, RequestConflict, event_topic
 
 logger = logging.getLogger(__name__)
 
-Terminal = ImageReady | RenderError
+Terminal = ImageReady | RenderError | BatchDone  # BatchDone: a batch's own terminal event
 
 
 class Outbox:
@@ -42,6 +42,8 @@ class Outbox:
         self.audience = audience or Audience()
         self.resume_grace_s = resume_grace_s
         self._held: dict[str, Ticket] = {}
+        # Told of every terminal event sent (new, refused or replayed): batches wait on their members.
+        self.observers: list[Callable[[Terminal], None]] = []
 
     # -- holding ids ------------------------------------------------------------------
 
@@ -69,11 +71,18 @@ class Outbox:
 
     # -- events -----------------------------------------------------------------------
 
-    async def accepted(self, ticket: Ticket, generator: str, queue_position: int) -> None:
+    async def accepted(
+        self, ticket: Ticket, generator: str, queue_position: int, estimated_cost: float | None = None
+    ) -> None:
         if self._held.get(ticket.request_id) is not ticket:
             logger.error("RenderAccepted for %s withheld: it is not the request holding the id", ticket.request_id)
             return
-        event = RenderAccepted(request_id=ticket.request_id, generator=generator, queue_position=queue_position)
+        event = RenderAccepted(
+            request_id=ticket.request_id,
+            generator=generator,
+            queue_position=queue_position,
+            estimated_cost=estimated_cost,
+        )
         await self.publisher.send(self.publisher.stamp(event), reply_to=ticket.reply_to)
 
     async def finish(
@@ -94,6 +103,7 @@ class Outbox:
         if resumed:
             await self._wait_for_audience(ticket, stamped)
         await self.publisher.send(stamped, reply_to=ticket.reply_to, blobs=blobs, body=body)
+        self._observe(stamped)
         return True
 
     async def refuse(self, ticket: Ticket, event: RenderError) -> None:
@@ -106,6 +116,7 @@ class Outbox:
         body = stamped.model_dump_json().encode()
         if await self._journal_terminal(ticket, stamped, body, (), force=False):
             await self.publisher.send(stamped, reply_to=ticket.reply_to, body=body)
+            self._observe(stamped)
 
     async def replay(self, ticket: Ticket, recorded: Recorded) -> None:
         """Answer a repeat of a finished request: its stored event to its own sender only."""
@@ -116,6 +127,14 @@ class Outbox:
         self.counters["repeated"] += 1
         stored = MESSAGE_ADAPTER.validate_json(entry.terminal or "")
         await self.publisher.send(self.publisher.stamp(stored), reply_to=ticket.reply_to, blobs=recorded.blobs)
+        self._observe(stored)
+
+    def _observe(self, event: Terminal) -> None:
+        for observer in self.observers:
+            try:
+                observer(event)
+            except Exception:  # an observer's bug must not undo a sent event
+                logger.exception("terminal-event observer failed for %s", event.request_id)
 
     async def conflict(self, ticket: Ticket, reason: str) -> None:
         """Tell the sender its message named an id it cannot use; no terminal event."""

@@ -21,8 +21,11 @@ import zmq.asyncio
 
 from image_server.active import Active
 from image_server.audience import Audience
+from image_server.cache.reuse import ResultReuse
+from image_server.cache.storage import DiskCacheStorage
 from image_server.compat import PlainJsonPublisher, make_publisher
 from image_server.config import ServiceConfig
+from image_server.frugal import FrugalPipeline
 from image_server.health import ServiceProbe
 from image_server.httpcount import counting_http_responses
 from image_server.identity import Ticket, curve_user_id, owner_key
@@ -34,11 +37,14 @@ from image_server.manager import GeneratorManager
 from image_server.metrics import ServiceMetrics
 from image_server.offload import DECODE_IN_THREAD_BYTES, as_bytes_in_chunks, prestart_worker_threads
 from image_server.outbox import Outbox
-from image_server.pipeline import RenderPipeline
+from image_server.prompting.ollama import OllamaCompressor
+from image_server.prompting.policy import PromptPolicy
 from image_server.publisher import EventPublisher
 from image_server.security import curve_setup
 from image_server.shutdown import ShutdownSummary, drain
 from image_server.sockets import bound_endpoint, open_socket
+from image_server.spend.guard import SpendGuard
+from image_server.spend.ledger import SpendLedger
 from image_server.statelock import StateLock
 from image_server.storage import OutputStore
 from image_server.version import VERSION
@@ -104,7 +110,7 @@ class ImageService:
         self._request_socket: zmq.asyncio.Socket | None = None
         self._curve = False
         self.audience = Audience()
-        self._pipeline: RenderPipeline | None = None
+        self._pipeline: FrugalPipeline | None = None
         self.journal: Journal | None = None
 
     # -- lifecycle --------------------------------------------------------------------
@@ -151,13 +157,7 @@ class ImageService:
         await stack.enter_async_context(self.manager)
         await self.manager.preload()  # a model that does not load fails the start (exit 3)
         http_client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
-        self._pipeline = RenderPipeline(
-            self.manager,
-            self.store,
-            self.config.references,
-            default_project=self.config.default_project,
-            http_client=http_client,
-        )
+        self._pipeline = await self._frugal_pipeline(http_client)
         if self.config.journal.enabled:
             journal_config = self.config.journal
             self.journal = await stack.enter_async_context(
@@ -224,6 +224,37 @@ class ImageService:
             stack.push_async_callback(console.aclose)
             self.console = console
 
+    async def _frugal_pipeline(self, http_client: httpx.AsyncClient) -> FrugalPipeline:
+        """The render pipeline with spend checks, the result cache and coalescing."""
+        config = self.config
+        ledger = SpendLedger(config.state_dir / "spend.json", config.spend.budgets)
+        await asyncio.to_thread(ledger.load)
+        storage = None
+        if config.cache.enabled:
+            storage = DiskCacheStorage(
+                config.state_dir / "cache",
+                max_bytes=config.cache.max_bytes,
+                max_age_s=config.cache.max_age_s,
+                memory_bytes=config.cache.memory_bytes,
+            )
+            await storage.open()
+        prompts = PromptPolicy(config.prompting)
+        if prompts.needs_compressor():
+            prompts.compressor = OllamaCompressor(config.prompting.ollama)
+            self._stack.push_async_callback(prompts.compressor.aclose)
+        return FrugalPipeline(
+            self.manager,
+            self.store,
+            config.references,
+            spend=SpendGuard(config.spend, ledger, lambda name: self.manager.config(name).strategy),
+            reuse=ResultReuse(storage, self.store, default_project=config.default_project),
+            cache=config.cache,
+            prompts=prompts,
+            hedging=config.hedging,
+            default_project=config.default_project,
+            http_client=http_client,
+        )
+
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down cleanly."""
         await self.start()
@@ -289,7 +320,7 @@ class ImageService:
         return self.tracker.active
 
     @property
-    def pipeline(self) -> RenderPipeline:
+    def pipeline(self) -> FrugalPipeline:
         assert self._pipeline is not None, "service not started"
         return self._pipeline
 
@@ -398,7 +429,8 @@ class ImageService:
         self.counters["rejected"] += 1
         self._refusals.warning("rejected %s: %s", request_id, exc.reason[:200])
         ticket = Ticket(request_id, owner_key(user_id, exc.reply_to), exc.reply_to)
-        self.tracker.refuse(ticket, RenderError(request_id=request_id, code="invalid_request", message=exc.reason))
+        code = "prompt_too_long" if exc.code == "prompt_too_long" else "invalid_request"
+        self.tracker.refuse(ticket, RenderError(request_id=request_id, code=code, message=exc.reason))
 
     async def _on_cancel(self, message: CancelRequest, user_id: str | None) -> None:
         if not self.tracker.cancel(message.request_id, reply_to=message.reply_to, user_id=user_id):
@@ -409,6 +441,7 @@ class ImageService:
 
     def status(self, request_id: str | None = None) -> ServiceStatus:
         scheduler = self.manager.scheduler
+        ledger = self.pipeline.spend.ledger
         generators = [
             GeneratorStatus(
                 name=name,
@@ -417,6 +450,9 @@ class ImageService:
                 concurrency=self.manager.config(name).concurrency,
                 image_to_image=self.manager.is_image_to_image(name),
                 cooling_down_until=self._cooling_down_until(name),
+                spent_today=ledger.spent(name)[0],
+                spent_month=ledger.spent(name)[1],
+                over_budget=ledger.over_budget(name) is not None,
             )
             for name in self.manager.available()
         ]
@@ -427,7 +463,7 @@ class ImageService:
             queued=self.queued,
             in_flight=scheduler.in_flight,
             uptime_s=self.uptime_s,
-            counters=dict(self.counters),
+            counters={**self.counters, **self.pipeline.reuse.stats()},
             version=VERSION,
             journal_bytes=self.journal.used_bytes if self.journal is not None else None,
             journal_max_bytes=self.journal.max_bytes if self.journal is not None else None,

@@ -84,8 +84,7 @@ class OutputStore:
     ) -> list[StoredImage]:
         """Encode and deliver every image as the request's ``delivery`` says."""
         texts = {"parameters": json.dumps(dict(parameters), default=str), "prompt": request.prompt}
-        folder = self.output_dir / _safe_component(project, "project") / _safe_component(generator, "generator")
-        folder = folder / (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d")
+        folder = self._folder(project, generator, now)
         stored: list[StoredImage] = []
         for index, image in enumerate(images):
             if request.delivery == "url" and image.url is not None and image.data is None and image.image is None:
@@ -93,24 +92,62 @@ class OutputStore:
                 continue
             fmt = request.output_format
             encoded = self._encode(image, fmt, texts)
-            digest = hashlib.sha256(encoded.data).hexdigest()
             common: dict[str, Any] = {
                 "width": encoded.width,
                 "height": encoded.height,
                 "format": fmt,
                 "seed": image.seed,
-                "sha256": digest,
+                "sha256": hashlib.sha256(encoded.data).hexdigest(),
             }
-            if request.delivery == "inline":
-                stored.append(StoredImage(OutputImage(data=base64.b64encode(encoded.data).decode(), **common)))
-            elif request.delivery == "frames":
-                frame = sum(1 for item in stored if item.blob is not None)
-                stored.append(StoredImage(OutputImage(frame=frame, **common), blob=encoded.data))
-            else:
-                name = f"{file_stem(request.request_id)}_{index}.{EXTENSIONS[fmt]}"
-                path = self._write(folder / name, encoded.data)
-                stored.append(StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common)))
+            stored.append(self._deliver(request, folder, index, encoded.data, common, stored))
         return stored
+
+    def deliver_encoded(
+        self,
+        request: RenderRequest,
+        generator: str,
+        images: Sequence[tuple[bytes, OutputImage]],
+        *,
+        project: str,
+        now: datetime | None = None,
+    ) -> list[StoredImage]:
+        """Deliver already encoded images (a cache hit) as ``request`` asks, bytes untouched.
+        Each pairs the bytes with the ``OutputImage`` that describes them (size, format, seed)."""
+        folder = self._folder(project, generator, now)
+        stored: list[StoredImage] = []
+        for index, (data, described) in enumerate(images):
+            common: dict[str, Any] = {
+                "width": described.width,
+                "height": described.height,
+                "format": described.format,
+                "seed": described.seed,
+                "sha256": described.sha256 or hashlib.sha256(data).hexdigest(),
+            }
+            stored.append(self._deliver(request, folder, index, data, common, stored))
+        return stored
+
+    def _folder(self, project: str, generator: str, now: datetime | None) -> Path:
+        folder = self.output_dir / _safe_component(project, "project") / _safe_component(generator, "generator")
+        return folder / (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d")
+
+    def _deliver(
+        self,
+        request: RenderRequest,
+        folder: Path,
+        index: int,
+        data: bytes,
+        common: dict[str, Any],
+        earlier: list[StoredImage],
+    ) -> StoredImage:
+        """One encoded image, delivered as ``request.delivery`` says (file, inline or frames)."""
+        if request.delivery == "inline":
+            return StoredImage(OutputImage(data=base64.b64encode(data).decode(), **common))
+        if request.delivery == "frames":
+            frame = sum(1 for item in earlier if item.blob is not None)
+            return StoredImage(OutputImage(frame=frame, **common), blob=data)
+        name = f"{file_stem(request.request_id)}_{index}.{EXTENSIONS[common['format']]}"
+        path = self._write(folder / name, data)
+        return StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common))
 
     def _write(self, path: Path, data: bytes) -> Path:
         try:

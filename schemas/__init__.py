@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from schemas.messages import (
     REQUEST_ID_PATTERN,
+    BatchDone,
+    BatchMemberOutcome,
     CancelRequest,
     DeliveryMode,
     ErrorCode,
@@ -47,6 +49,8 @@ from schemas.wire import (
 __all__ = [
     "MESSAGE_ADAPTER",
     "REQUEST_ID_PATTERN",
+    "BatchDone",
+    "BatchMemberOutcome",
     "CancelRequest",
     "DecodedMessage",
     "DeliveryMode",

@@ -17,6 +17,7 @@ REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$"
 MAX_PROMPT_CHARS = 10_000
 MAX_REFERENCE_IMAGES = 10
+MAX_BATCH = 64
 MIN_SIDE = 64
 MAX_SIDE = 4096
 
@@ -36,6 +37,7 @@ ErrorCode = Literal[
     "superseded",
     "overloaded",
     "storage",
+    "over_budget",
     "internal",
 ]
 
@@ -93,7 +95,8 @@ class RenderRequest(_Inbound):
     type: Literal["RenderRequest"] = "RenderRequest"
     request_id: RequestId
     generator: Name | None = None
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Required, except in a batch (``prompts``), where it may be left empty.
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     width: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
     height: int | None = Field(default=None, ge=MIN_SIDE, le=MAX_SIDE)
@@ -118,12 +121,53 @@ class RenderRequest(_Inbound):
     clear_queue: bool = False
     project: Name | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Spend and reuse (all optional: older clients send none of them).
+    # The most this request may cost (in the price table's currency): refused with
+    # ``over_budget`` before anything is spent when the estimate, or a fallback's, is higher.
+    max_cost: float | None = Field(default=None, ge=0)
+    # Answer from the result cache when an identical earlier render exists (None: the
+    # generator's config decides). A request without a seed is never cached unless
+    # ``cache_any_seed`` says the user accepts an earlier random-seed image.
+    cache: bool | None = None
+    cache_any_seed: bool = False
+    # A batch: one render per prompt, with this request's other parameters. Member i runs as
+    # request ``<request_id>:<i>`` with its own RenderAccepted and terminal event (which carry
+    # batch_id and batch_index); a BatchDone under this request_id follows the last of them.
+    # Cancelling this request_id cancels the members still running.
+    prompts: list[Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_BATCH
+    )
+    # Set by the service on batch members (a client sends the batch, not its members).
+    batch_id: str | None = None
+    batch_index: int | None = None
 
     @model_validator(mode="after")
     def _bounded_references(self) -> RenderRequest:
         if len(self.all_references()) > MAX_REFERENCE_IMAGES:
             raise ValueError(f"at most {MAX_REFERENCE_IMAGES} reference images in all")
+        if not self.prompt and not self.prompts:
+            raise ValueError("prompt: a prompt is required (or prompts, for a batch)")
+        if self.prompts and len(self.request_id) + 1 + len(str(len(self.prompts) - 1)) > 128:
+            raise ValueError("request_id: too long for a batch (its members add ':<index>', 128 characters in all)")
         return self
+
+    def batch_members(self) -> list[RenderRequest]:
+        """One request per prompt of a batch (empty when this is not one)."""
+        return [
+            self.model_copy(
+                update={
+                    "request_id": f"{self.request_id}:{index}",
+                    "prompt": prompt,
+                    "prompts": None,
+                    "batch_id": self.request_id,
+                    "batch_index": index,
+                    # One channel slot and one queue clearing per batch, not per member.
+                    "channel": None,
+                    "clear_queue": False,
+                }
+            )
+            for index, prompt in enumerate(self.prompts or ())
+        ]
 
     def frames_used(self) -> set[int]:
         """Indexes of the extra frames this request's images refer to."""
@@ -159,6 +203,7 @@ class RenderAccepted(_Outbound):
     request_id: str
     generator: str
     queue_position: int = 0
+    estimated_cost: float | None = None  # in the price table's currency; None: no price known
 
 
 class RenderProgress(_Outbound):
@@ -222,6 +267,11 @@ class ImageReady(_Outbound):
     applied: dict[str, Any] = Field(default_factory=dict)
     ignored: list[str] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    cost: float | None = None  # what this request was charged (0 for a cache hit); None: no price known
+    cached: bool = False  # answered from the result cache, not rendered for this request
+    cached_from: str | None = None  # the request_id whose render this answer reuses (cache or coalescing)
+    batch_id: str | None = None  # set on a batch member's events: the batch's request_id
+    batch_index: int | None = None  # and the member's index in its ``prompts``
 
 
 class RenderError(_Outbound):
@@ -234,6 +284,30 @@ class RenderError(_Outbound):
     retryable: bool = False
     generator: str | None = None
     attempts: int = 0
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    batch_id: str | None = None
+    batch_index: int | None = None
+
+
+class BatchMemberOutcome(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    index: int
+    request_id: str
+    type: Literal["ImageReady", "RenderError"]
+    code: str | None = None  # the RenderError's code
+
+
+class BatchDone(_Outbound):
+    """After the last member of a batch ended: what became of each (their own events came first)."""
+
+    type: Literal["BatchDone"] = "BatchDone"
+    request_id: str
+    generator: str | None = None  # the one the batch asked for (members say which served them)
+    members: list[BatchMemberOutcome] = Field(default_factory=list)
+    succeeded: int = 0
+    failed: int = 0
+    cost: float | None = None  # the members' costs together (None: no price known)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -267,6 +341,9 @@ class GeneratorStatus(BaseModel):
     concurrency: int = 1
     cooling_down_until: float | None = None
     image_to_image: bool = False
+    spent_today: float = 0.0  # UTC day, in the price table's currency
+    spent_month: float = 0.0  # UTC calendar month
+    over_budget: bool = False  # a daily or monthly budget is spent: requests for it get over_budget
 
 
 class ServiceStatus(_Outbound):
@@ -287,7 +364,7 @@ class ServiceStatus(_Outbound):
 
 InboundMessage = Annotated[RenderRequest | CancelRequest | StatusRequest, Field(discriminator="type")]
 OutboundEvent = Annotated[
-    RenderAccepted | RenderProgress | ImageReady | RenderError | RequestConflict | Heartbeat | ServiceStatus,
+    RenderAccepted | RenderProgress | ImageReady | RenderError | RequestConflict | BatchDone | Heartbeat | ServiceStatus,
     Field(discriminator="type"),
 ]
 Message = Annotated[
@@ -299,6 +376,7 @@ Message = Annotated[
     | ImageReady
     | RenderError
     | RequestConflict
+    | BatchDone
     | Heartbeat
     | ServiceStatus,
     Field(discriminator="type"),

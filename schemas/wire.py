@@ -34,10 +34,17 @@ class WireError(ValueError):
     """A message that could not be decoded; ``request_id`` is set when one could be read."""
 
     def __init__(
-        self, reason: str, *, request_id: str | None = None, topic: str | None = None, reply_to: str | None = None
+        self,
+        reason: str,
+        *,
+        request_id: str | None = None,
+        topic: str | None = None,
+        reply_to: str | None = None,
+        code: str = "invalid_request",
     ) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code  # the RenderError code: prompt_too_long for a prompt over the hard limit
         self.request_id = request_id
         self.topic = topic
         self.reply_to = reply_to
@@ -144,7 +151,10 @@ def decode_frames(frames: Sequence[Buffer]) -> DecodedMessage:
     try:
         message = MESSAGE_ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise _wire_error(_summarise(exc), payload, topic) from exc
+        error = _wire_error(_summarise(exc), payload, topic)
+        if any(e["type"] == "string_too_long" and e["loc"][-1:] == ("prompt",) for e in exc.errors()):
+            error.code = "prompt_too_long"
+        raise error from exc
     return DecodedMessage(topic=topic or message.type, message=message, blobs=blobs, payload=payload)
 
 

@@ -115,6 +115,7 @@ EXAMPLE_NAMES = {
     "comfy",
     "runpod",
     "local_sdxl_turbo",
+    "mock_backup",
 }
 SHIPPED = (REPO / "config.toml").read_text()
 
@@ -149,8 +150,8 @@ def example_count() -> int:
 
 def test_examples_stay_comments_in_the_shipped_config():
     # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai, comfyui, runpod,
-    # diffusers
-    assert example_count() == 11
+    # diffusers, spending
+    assert example_count() == 12
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -193,6 +194,7 @@ def test_all_examples_uncommented_validate(optional):
     i2i = {name for name, generator in built.items() if generator.capabilities.image_to_image}
     assert i2i == {
         "mock",
+        "mock_backup",
         "falai_lightning_i2i",
         "falai_flux_i2i",
         "openai",

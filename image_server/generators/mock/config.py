@@ -14,11 +14,17 @@ from image_server.generators.mock.drawing import Style
 class MockConfig(GeneratorConfig):
     """``[generators.<name>]`` with ``strategy = "mock"``."""
 
-    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"style", "delay_s", "fail_rate"})
+    OVERRIDABLE: ClassVar[frozenset[str]] = frozenset({"style", "delay_s", "fail_rate", "tail_rate", "tail_delay_s"})
 
     strategy: Literal["mock"] = "mock"
     style: Style = "simple"
     delay_s: float = Field(default=0.0, ge=0, le=600)
     fail_rate: float = Field(default=0.0, ge=0, le=1)
+    # A long tail, as paid providers have: this share of attempts waits tail_delay_s more
+    # (drawn per request, generator and attempt, so a run can be repeated).
+    tail_rate: float = Field(default=0.0, ge=0, le=1)
+    tail_delay_s: float = Field(default=0.0, ge=0, le=600)
+    # A provider-like prompt limit (to try the prompt policy without a paid provider).
+    max_prompt_chars: int | None = Field(default=None, ge=1)
     # Serve the images in this folder (chosen by seed) instead of drawing new ones.
     image_dir: Path | None = None

@@ -67,6 +67,7 @@ class MockGenerator(Generator):
             max_images=8,
             min_size=64,
             max_size=4096,
+            max_prompt_chars=self.config.max_prompt_chars,
             parameters=frozenset({"seed", "strength", "style", "steps", "guidance_scale", "negative_prompt"}),
         )
 
@@ -89,9 +90,15 @@ class MockGenerator(Generator):
         # The manager hands each request an instance whose config already has the request's
         # generator_config applied (and refused what MockConfig.OVERRIDABLE does not allow).
         config = self.config
-        if config.delay_s > 0:
-            await asyncio.sleep(config.delay_s)
         request = job.request
+        delay = config.delay_s
+        if (
+            config.tail_rate
+            and random.Random(f"{request.request_id}:{self.name}:{job.attempt}").random() < config.tail_rate
+        ):
+            delay += config.tail_delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         if random.Random(f"{request.request_id}:{job.attempt}").random() < config.fail_rate:
             raise GenerationFailed(
                 f"{self.name}: simulated failure (fail_rate={config.fail_rate}, attempt {job.attempt})",

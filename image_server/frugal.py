@@ -1,0 +1,199 @@
+"""The render pipeline with its spend-and-reuse layer: prices and budgets, the result cache
+and coalescing around ``RenderPipeline``'s render.
+
+``admit`` adds the spend checks (nothing is spent yet) and the estimate for
+``RenderAccepted``; ``run`` reserves the estimate, answers from the cache or an identical
+render in flight where the request allows it, else renders, then charges the actual cost
+and says it in ``ImageReady.cost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from image_server.cache.keys import cache_key
+from image_server.cache.reuse import ResultReuse
+from image_server.cache.settings import CacheConfig
+from image_server.config import ReferencesConfig
+from image_server.errors import ImageServerError
+from image_server.generators.base import check_request
+from image_server.manager import GeneratorManager
+from image_server.pipeline import Admission, ProgressSink, RenderOutcome, RenderPipeline, _ignore_progress
+from image_server.prompting.policy import PromptPlan, PromptPolicy
+from image_server.resilience import CooldownTracker
+from image_server.spend.guard import SpendGuard
+from image_server.spend.hedging import HedgeConfig, LatencyTracker, race
+from image_server.storage import OutputStore
+from schemas import ImageReady, RenderRequest
+
+# Hash reference bytes for a cache key on a thread past this many bytes.
+HASH_IN_THREAD_BYTES = 256 * 1024
+
+
+@dataclass
+class FrugalAdmission(Admission):
+    estimated_cost: float | None = None
+    prompt_plan: PromptPlan | None = None
+    hedge: str | None = None  # the generator to race against the first after its p95
+
+
+class FrugalPipeline(RenderPipeline):
+    def __init__(
+        self,
+        manager: GeneratorManager,
+        store: OutputStore,
+        references: ReferencesConfig,
+        *,
+        spend: SpendGuard,
+        reuse: ResultReuse,
+        cache: CacheConfig,
+        prompts: PromptPolicy,
+        hedging: dict[str, HedgeConfig] | None = None,
+        default_project: str = "default",
+        http_client: httpx.AsyncClient | None = None,
+        cooldowns: CooldownTracker | None = None,
+    ) -> None:
+        super().__init__(
+            manager,
+            store,
+            references,
+            default_project=default_project,
+            http_client=http_client,
+            cooldowns=cooldowns,
+        )
+        self.spend = spend
+        self.reuse = reuse
+        self.cache = cache
+        self.prompts = prompts
+        self.hedging = hedging or {}
+        self.latency = LatencyTracker()
+
+    def admit(self, request: RenderRequest) -> FrugalAdmission:
+        primary = self.manager.resolve(request.generator)
+        plan = self.prompts.plan(request, primary, self.manager.capabilities(primary).max_prompt_chars)
+        base = super().admit(request if plan is None else self.prompts.checked_prompt(request, plan))
+        chain, estimated = self.spend.admit(request, base.chain)
+        hedge = self._hedge_for(request, chain[0], estimated, base.ignored)
+        return FrugalAdmission(chain, base.ignored, estimated_cost=estimated, prompt_plan=plan, hedge=hedge)
+
+    def _hedge_for(
+        self, request: RenderRequest, primary: str, estimated: float | None, ignored: dict[str, list[str]]
+    ) -> str | None:
+        """The hedge generator for this request, if it has one that can serve it within max_cost."""
+        config = self.hedging.get(primary)
+        if config is None:
+            return None
+        try:
+            ignored[config.hedge] = check_request(self.manager.capabilities(config.hedge), request, config.hedge)
+        except ImageServerError:
+            return None
+        if request.max_cost is not None:
+            hedge_cost = self.spend.estimate(config.hedge, request)
+            if estimated is None or hedge_cost is None or estimated + hedge_cost > request.max_cost:
+                return None  # both together could cost more than the user allowed
+        return config.hedge
+
+    async def run(
+        self,
+        request: RenderRequest,
+        admission: Admission,
+        *,
+        received_at: float | None = None,
+        progress: ProgressSink = _ignore_progress,
+        frames: Sequence[bytes | bytearray] = (),
+    ) -> RenderOutcome:
+        received = time.perf_counter() if received_at is None else received_at
+
+        plan = admission.prompt_plan if isinstance(admission, FrugalAdmission) else None
+
+        async def render() -> tuple[ImageReady, list[bytes]]:
+            sent, prompt_applied = (request, {}) if plan is None else await self.prompts.apply(request, plan)
+
+            async def on(chosen: Admission, asked: RenderRequest) -> RenderOutcome:
+                return await RenderPipeline.run(
+                    self, asked, chosen, received_at=received, progress=progress, frames=frames
+                )
+
+            outcome = await self._maybe_hedged(sent, admission, on)
+            event = outcome.event
+            if prompt_applied:
+                event = event.model_copy(update={"applied": {**event.applied, **prompt_applied}})
+            return event, outcome.blobs
+
+        reservation = self.spend.reserve(request, admission.generator)
+        try:
+            key = await self._key(request, admission, frames) if self._wants_cache(request, admission) else None
+            if key is None:
+                event, blobs = await render()
+            else:
+                event, blobs = await self.reuse.answer(request, key, render, received_at=received)
+            reused = event.cached_from is not None
+            cost = self.spend.settle(reservation, request, None if reused else event)
+            hedge = event.applied.get("hedge") if not reused else None
+            if isinstance(hedge, dict) and hedge.get("loser_cost"):
+                # The loser was cancelled, but a provider may well have billed it.
+                self.spend.ledger.charge(hedge["loser"], hedge["loser_cost"])
+                cost = (cost or 0.0) + hedge["loser_cost"]
+        finally:
+            self.spend.ledger.release(reservation)
+        if cost:
+            await self.spend.ledger.save()
+        return RenderOutcome(event.model_copy(update={"cost": 0.0 if reused else cost}), blobs)
+
+    async def _maybe_hedged(
+        self,
+        request: RenderRequest,
+        admission: Admission,
+        on: Callable[[Admission, RenderRequest], Awaitable[RenderOutcome]],
+    ) -> RenderOutcome:
+        """Render on the chain; past the primary's p95, race the hedge generator against it."""
+        primary = admission.generator
+        hedge = admission.hedge if isinstance(admission, FrugalAdmission) else None
+        config = self.hedging.get(primary)
+        after = None if hedge is None or config is None else self.latency.hedge_after(primary, config)
+        window = config.window if config is not None else 200
+        started = time.perf_counter()
+        if hedge is None or after is None or self.spend.ledger.over_budget(hedge, self._cost(hedge, request)):
+            outcome = await on(admission, request)
+            self.latency.record(primary, time.perf_counter() - started, window)
+            return outcome
+        # The request's generator_config is for its own generator, not the hedge.
+        for_hedge = request.model_copy(update={"generator_config": {}})
+        raced = await race(
+            lambda: on(admission, request), lambda: on(Admission([hedge], admission.ignored), for_hedge), after
+        )
+        outcome = raced.value
+        # When the hedge won, the primary was still running: it took at least this long.
+        self.latency.record(primary, time.perf_counter() - started, window)
+        if not raced.hedged:
+            return outcome
+        loser = primary if raced.hedge_won else hedge
+        detail = {"after_s": round(after, 3), "winner": outcome.event.generator, "loser": loser}
+        detail["loser_cost"] = self._cost(loser, request)
+        applied = {**outcome.event.applied, "hedge": detail}
+        return RenderOutcome(outcome.event.model_copy(update={"applied": applied}), outcome.blobs)
+
+    def _cost(self, generator: str, request: RenderRequest) -> float:
+        return self.spend.estimate(generator, request) or 0.0
+
+    def _wants_cache(self, request: RenderRequest, admission: Admission) -> bool:
+        if request.cache is not None:
+            return request.cache
+        return admission.generator in self.cache.default_on
+
+    async def _key(
+        self, request: RenderRequest, admission: Admission, frames: Sequence[bytes | bytearray]
+    ) -> str | None:
+        configs: dict[str, Any] = {}
+        for name in admission.chain:
+            overrides = request.generator_config if name == admission.chain[0] else {}
+            configs[name] = self.manager.validate_overrides(name, overrides).model_dump(mode="json")
+        if sum(len(frame) for frame in frames) > HASH_IN_THREAD_BYTES:
+            return await asyncio.to_thread(cache_key, request, configs, frames)
+        return cache_key(request, configs, frames)
