@@ -24,9 +24,8 @@ from image_server.config import ReferencesConfig
 from image_server.errors import ImageServerError
 from image_server.generators.base import check_request
 from image_server.manager import GeneratorManager
-from image_server.pipeline import Admission, ProgressSink, RenderOutcome, RenderPipeline, _ignore_progress
+from image_server.pipeline import ProgressSink, RenderOutcome, RenderPipeline, RenderPlan, _ignore_progress
 from image_server.prompting.policy import PromptPlan, PromptPolicy
-from image_server.resilience import CooldownTracker
 from image_server.spend.guard import SpendGuard
 from image_server.spend.hedging import HedgeConfig, LatencyTracker, race
 from image_server.storage import OutputStore
@@ -37,7 +36,7 @@ HASH_IN_THREAD_BYTES = 256 * 1024
 
 
 @dataclass
-class FrugalAdmission(Admission):
+class FrugalPlan(RenderPlan):
     estimated_cost: float | None = None
     prompt_plan: PromptPlan | None = None
     hedge: str | None = None  # the generator to race against the first after its p95
@@ -57,7 +56,6 @@ class FrugalPipeline(RenderPipeline):
         hedging: dict[str, HedgeConfig] | None = None,
         default_project: str = "default",
         http_client: httpx.AsyncClient | None = None,
-        cooldowns: CooldownTracker | None = None,
     ) -> None:
         super().__init__(
             manager,
@@ -65,7 +63,6 @@ class FrugalPipeline(RenderPipeline):
             references,
             default_project=default_project,
             http_client=http_client,
-            cooldowns=cooldowns,
         )
         self.spend = spend
         self.reuse = reuse
@@ -74,13 +71,18 @@ class FrugalPipeline(RenderPipeline):
         self.hedging = hedging or {}
         self.latency = LatencyTracker()
 
-    def admit(self, request: RenderRequest) -> FrugalAdmission:
+    def admit(self, request: RenderRequest, *, client: str = "") -> FrugalPlan:
         primary = self.manager.resolve(request.generator)
         plan = self.prompts.plan(request, primary, self.manager.capabilities(primary).max_prompt_chars)
-        base = super().admit(request if plan is None else self.prompts.checked_prompt(request, plan))
+        base = super().admit(request if plan is None else self.prompts.checked_prompt(request, plan), client=client)
         chain, estimated = self.spend.admit(request, base.chain)
         hedge = self._hedge_for(request, chain[0], estimated, base.ignored)
-        return FrugalAdmission(chain, base.ignored, estimated_cost=estimated, prompt_plan=plan, hedge=hedge)
+        configs = {name: base.configs[name] for name in chain}
+        return FrugalPlan(chain, base.ignored, configs, client, estimated_cost=estimated, prompt_plan=plan, hedge=hedge)
+
+    def _hedge_plan(self, plan: RenderPlan, hedge: str) -> RenderPlan:
+        """The hedge generator alone, with its own config (the request's overrides are not for it)."""
+        return RenderPlan([hedge], plan.ignored, {hedge: self.manager.config(hedge)}, plan.client)
 
     def _hedge_for(
         self, request: RenderRequest, primary: str, estimated: float | None, ignored: dict[str, list[str]]
@@ -102,7 +104,7 @@ class FrugalPipeline(RenderPipeline):
     async def run(
         self,
         request: RenderRequest,
-        admission: Admission,
+        admission: RenderPlan,
         *,
         received_at: float | None = None,
         progress: ProgressSink = _ignore_progress,
@@ -110,12 +112,12 @@ class FrugalPipeline(RenderPipeline):
     ) -> RenderOutcome:
         received = time.perf_counter() if received_at is None else received_at
 
-        plan = admission.prompt_plan if isinstance(admission, FrugalAdmission) else None
+        plan = admission.prompt_plan if isinstance(admission, FrugalPlan) else None
 
         async def render() -> tuple[ImageReady, list[bytes]]:
             sent, prompt_applied = (request, {}) if plan is None else await self.prompts.apply(request, plan)
 
-            async def on(chosen: Admission, asked: RenderRequest) -> RenderOutcome:
+            async def on(chosen: RenderPlan, asked: RenderRequest) -> RenderOutcome:
                 return await RenderPipeline.run(
                     self, asked, chosen, received_at=received, progress=progress, frames=frames
                 )
@@ -149,12 +151,12 @@ class FrugalPipeline(RenderPipeline):
     async def _maybe_hedged(
         self,
         request: RenderRequest,
-        admission: Admission,
-        on: Callable[[Admission, RenderRequest], Awaitable[RenderOutcome]],
+        admission: RenderPlan,
+        on: Callable[[RenderPlan, RenderRequest], Awaitable[RenderOutcome]],
     ) -> RenderOutcome:
         """Render on the chain; past the primary's p95, race the hedge generator against it."""
         primary = admission.generator
-        hedge = admission.hedge if isinstance(admission, FrugalAdmission) else None
+        hedge = admission.hedge if isinstance(admission, FrugalPlan) else None
         config = self.hedging.get(primary)
         after = None if hedge is None or config is None else self.latency.hedge_after(primary, config)
         window = config.window if config is not None else 200
@@ -166,7 +168,7 @@ class FrugalPipeline(RenderPipeline):
         # The request's generator_config is for its own generator, not the hedge.
         for_hedge = request.model_copy(update={"generator_config": {}})
         raced = await race(
-            lambda: on(admission, request), lambda: on(Admission([hedge], admission.ignored), for_hedge), after
+            lambda: on(admission, request), lambda: on(self._hedge_plan(admission, hedge), for_hedge), after
         )
         outcome = raced.value
         # When the hedge won, the primary was still running: it took at least this long.
@@ -182,18 +184,16 @@ class FrugalPipeline(RenderPipeline):
     def _cost(self, generator: str, request: RenderRequest) -> float:
         return self.spend.estimate(generator, request) or 0.0
 
-    def _wants_cache(self, request: RenderRequest, admission: Admission) -> bool:
+    def _wants_cache(self, request: RenderRequest, admission: RenderPlan) -> bool:
         if request.cache is not None:
             return request.cache
         return admission.generator in self.cache.default_on
 
     async def _key(
-        self, request: RenderRequest, admission: Admission, frames: Sequence[bytes | bytearray]
+        self, request: RenderRequest, admission: RenderPlan, frames: Sequence[bytes | bytearray]
     ) -> str | None:
-        configs: dict[str, Any] = {}
-        for name in admission.chain:
-            overrides = request.generator_config if name == admission.chain[0] else {}
-            configs[name] = self.manager.validate_overrides(name, overrides).model_dump(mode="json")
+        # The configs the plan resolved once at admission (the request's overrides applied).
+        configs: dict[str, Any] = {name: admission.configs[name].model_dump(mode="json") for name in admission.chain}
         if sum(len(frame) for frame in frames) > HASH_IN_THREAD_BYTES:
             return await asyncio.to_thread(cache_key, request, configs, frames)
         return cache_key(request, configs, frames)

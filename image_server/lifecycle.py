@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TypeVar
 
 from image_server.active import Active
 from image_server.batches import BatchRunner
@@ -30,6 +31,7 @@ from image_server.shares import ClientShares
 from schemas import BatchDone, ImageReady, RenderError, RenderProgress, RenderRequest
 
 logger = logging.getLogger(__name__)
+_Member = TypeVar("_Member", ImageReady, RenderError)
 
 
 class RequestTracker:
@@ -280,7 +282,9 @@ class RequestTracker:
         """Stop tracking ``active``; the Outbox journals its terminal event, then sends it."""
         request = active.request
         rid = request.request_id
-        if not isinstance(event, BatchDone):
+        if isinstance(event, ImageReady):
+            event = _in_batch(event, request)
+        elif isinstance(event, RenderError):
             event = _in_batch(event, request)
         if active.throttle is not None:
             active.throttle.cancel()  # no progress after the terminal event
@@ -374,7 +378,7 @@ class RequestTracker:
                 waiter.set_result(event)
 
 
-def _in_batch(event: ImageReady | RenderError, request: RenderRequest) -> ImageReady | RenderError:
+def _in_batch(event: _Member, request: RenderRequest) -> _Member:
     """A member's terminal event names its batch and index."""
     if request.batch_id is None:
         return event

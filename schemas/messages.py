@@ -364,7 +364,14 @@ class ServiceStatus(_Outbound):
 
 InboundMessage = Annotated[RenderRequest | CancelRequest | StatusRequest, Field(discriminator="type")]
 OutboundEvent = Annotated[
-    RenderAccepted | RenderProgress | ImageReady | RenderError | RequestConflict | BatchDone | Heartbeat | ServiceStatus,
+    RenderAccepted
+    | RenderProgress
+    | ImageReady
+    | RenderError
+    | RequestConflict
+    | BatchDone
+    | Heartbeat
+    | ServiceStatus,
     Field(discriminator="type"),
 ]
 Message = Annotated[

@@ -82,13 +82,17 @@ async def test_a_repeat_gets_the_same_batch_done(service_factory, client_for):
 
 async def test_a_batch_left_unfinished_finishes_after_a_restart(service_factory, client_for):
     stuck = {"mock": {"strategy": "mock", "delay_s": 60}}
-    async with service_factory(generators=stuck, shutdown_timeout_s=0.2) as service, client_for(service) as client:
+    # The same client both times: a request id belongs to the client that sent it.
+    async with (
+        service_factory(generators=stuck, shutdown_timeout_s=0.2) as service,
+        client_for(service, client_id="batcher") as client,
+    ):
         task = asyncio.create_task(client.render_batch(PROMPTS, request_id="b-6", width=64, height=64, timeout=60))
         async with asyncio.timeout(5):
             while not all(f"b-6:{i}" in service.active for i in range(3)):
                 await asyncio.sleep(0.01)
     task.cancel()
-    async with service_factory() as service, client_for(service) as client:
+    async with service_factory() as service, client_for(service, client_id="batcher") as client:
         resumed = service.counters["resumed"]
         # The batch resumed on its own at start; asking again gets its BatchDone (live or stored).
         result = await client.render_batch(PROMPTS, request_id="b-6", width=64, height=64, timeout=20)
