@@ -362,6 +362,14 @@ class RequestTracker:
     async def _submit_member(self, batch: Active, member: RenderRequest) -> None:
         """A member arrives as its own request from the batch's sender."""
         owner = batch.ticket.owner
+        journal = self.outbox.journal
+        if batch.resumed and journal is not None:
+            # A member that ended before the restart (refusals included, which a new message
+            # could not replay: its id is taken) answers with its stored event.
+            recorded = await journal.lookup(member.request_id)
+            if recorded is not None and recorded.state is Recording.FINISHED and recorded.entry.owner in (None, owner):
+                await self.outbox.replay(Ticket(member.request_id, owner, member.reply_to), recorded)
+                return
         user_id = owner.removeprefix("curve:") if owner.startswith("curve:") else None
         await self.on_render(member, frames=batch.frames, user_id=user_id)
 

@@ -98,3 +98,24 @@ async def test_a_batch_left_unfinished_finishes_after_a_restart(service_factory,
         result = await client.render_batch(PROMPTS, request_id="b-6", width=64, height=64, timeout=20)
     assert resumed == 4  # the batch and its three members
     assert result.done.request_id == "b-6" and result.done.succeeded == 3
+
+
+async def test_a_member_refused_before_a_restart_is_summed_up_after_it(service_factory, client_for):
+    limited = {"strategy": "mock", "max_prompt_chars": 12}
+    prompts = ["a red fox", "a prompt longer than twelve", "a blue whale"]
+    async with (
+        service_factory(generators={"mock": {**limited, "delay_s": 60}}, shutdown_timeout_s=0.2) as service,
+        client_for(service, client_id="batcher") as client,
+    ):
+        task = asyncio.create_task(client.render_batch(prompts, request_id="b-7", width=64, height=64, timeout=60))
+        async with asyncio.timeout(5):
+            while not all(f"b-7:{i}" in service.active for i in (0, 2)):
+                await asyncio.sleep(0.01)
+    task.cancel()
+    async with (
+        service_factory(generators={"mock": limited}) as service,
+        client_for(service, client_id="batcher") as client,
+    ):
+        result = await client.render_batch(prompts, request_id="b-7", width=64, height=64, timeout=20)
+    assert (result.done.succeeded, result.done.failed) == (2, 1)
+    assert result.done.members[1].code == "prompt_too_long"
