@@ -17,14 +17,29 @@ from schemas import BatchDone, BatchMemberOutcome, ImageReady, RenderError, Rend
 
 Terminal = ImageReady | RenderError
 Submit = Callable[[RenderRequest], Awaitable[None]]
-Expect = Callable[[str], "asyncio.Future[Terminal]"]
 
 
 class BatchRunner:
-    def __init__(self, expect: Expect, ready: asyncio.Event) -> None:
-        self._expect = expect
-        self._ready = ready  # set once requests left by a previous run are tracked again
+    """Give ``observe`` every terminal event sent (the Outbox's observers): a member's ends
+    its wait."""
+
+    def __init__(self) -> None:
+        # Set once the requests a previous run left are tracked again: a member must find
+        # its resumed self in flight, not be admitted twice.
+        self.ready = asyncio.Event()
         self._cancelled: set[str] = set()
+        self._waiters: dict[str, asyncio.Future[Terminal]] = {}
+
+    def observe(self, event: object) -> None:
+        if isinstance(event, ImageReady | RenderError):
+            waiter = self._waiters.pop(event.request_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+
+    def _expect(self, request_id: str) -> asyncio.Future[Terminal]:
+        future: asyncio.Future[Terminal] = asyncio.get_running_loop().create_future()
+        self._waiters[request_id] = future
+        return future
 
     def cancel(self, batch_id: str) -> None:
         """Members not submitted yet are not submitted (those running are ended by the tracker)."""
@@ -33,7 +48,7 @@ class BatchRunner:
     async def run(self, batch: RenderRequest, submit: Submit) -> BatchDone:
         """Submit each member (``submit``: as a request from the batch's sender), wait for
         their terminal events, and sum them up."""
-        await self._ready.wait()
+        await self.ready.wait()
         outcomes: list[Terminal] = []
         waiters: list[asyncio.Future[Terminal]] = []
         try:
@@ -45,8 +60,9 @@ class BatchRunner:
                 await submit(member)
             outcomes = list(await asyncio.gather(*waiters))
         finally:
-            for waiter in waiters:
+            for member, waiter in zip(batch.batch_members(), waiters, strict=False):
                 waiter.cancel()
+                self._waiters.pop(member.request_id, None)
             self._cancelled.discard(batch.request_id)
         skipped = [
             RenderError(

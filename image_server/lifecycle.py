@@ -53,10 +53,8 @@ class RequestTracker:
         self.endings = Endings(self.active, self.scheduler, counters)
         self.shares = ClientShares(limits)
         self._refusing: set[asyncio.Task[None]] = set()
-        self._waiters: dict[str, asyncio.Future[ImageReady | RenderError]] = {}  # batch members' ends
-        self._resumed = asyncio.Event()
-        self.batches = BatchRunner(self._expect, self._resumed)
-        outbox.observers.append(self._notify)
+        self.batches = BatchRunner()
+        outbox.observers.append(self.batches.observe)
 
     @property
     def queued(self) -> int:
@@ -321,7 +319,7 @@ class RequestTracker:
         try:
             await self._resume()
         finally:
-            self._resumed.set()  # batches may submit their members now
+            self.batches.ready.set()  # batches may submit their members now
 
     async def _resume(self) -> None:
         journal = self.outbox.journal
@@ -372,18 +370,6 @@ class RequestTracker:
                 return
         user_id = owner.removeprefix("curve:") if owner.startswith("curve:") else None
         await self.on_render(member, frames=batch.frames, user_id=user_id)
-
-    def _expect(self, request_id: str) -> asyncio.Future[ImageReady | RenderError]:
-        future: asyncio.Future[ImageReady | RenderError] = asyncio.get_running_loop().create_future()
-        self._waiters[request_id] = future
-        return future
-
-    def _notify(self, event: Terminal) -> None:
-        """The Outbox sent a terminal event: hand a batch member's to its batch."""
-        if isinstance(event, ImageReady | RenderError):
-            waiter = self._waiters.pop(event.request_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(event)
 
 
 def _in_batch(event: _Member, request: RenderRequest) -> _Member:
