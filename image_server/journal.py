@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
+from image_server.checkpoint import WalCheckpointer
 from image_server.journal_db import (
     BLOB_CHUNK_BYTES,
     JOURNAL_FILE,
@@ -71,12 +72,14 @@ class Journal:
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self.commits = 0
+        self.checkpointer = WalCheckpointer(self.path)
 
     async def __aenter__(self) -> Journal:
         ready: Future[None] = Future()
         self._thread = threading.Thread(target=self._writer, args=(ready,), name="journal", daemon=True)
         self._thread.start()
         await asyncio.wrap_future(ready)
+        self.checkpointer.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -88,10 +91,12 @@ class Journal:
         self._ops.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        await asyncio.to_thread(self.checkpointer.stop)
 
     def _writer(self, ready: Future[None]) -> None:
         try:
             conn = connect(self.path)
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
         except BaseException as exc:
             ready.set_exception(exc)
             return
@@ -145,6 +150,7 @@ class Journal:
         try:
             conn.execute("COMMIT")
             self.commits += 1
+            self.checkpointer.committed()
         except Exception as exc:
             logger.exception("journal commit failed")
             results = [(future, None, exc) for future, _, _ in results]

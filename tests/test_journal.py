@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from image_server.checkpoint import RESTART_WAL_BYTES
 from image_server.journal import JOURNAL_FILE, Journal, Recording, connect, recent_entries
 from schemas import RenderRequest
 
@@ -217,3 +218,38 @@ async def test_recent_entries_with_a_relative_state_dir(tmp_path, monkeypatch):
     async with Journal(Path("state")) as journal:
         await journal.admit("rel-1", "mock", b'{"request_id": "rel-1", "prompt": "p"}')
     assert [entry.request_id for entry in recent_entries(Path("state"))] == ["rel-1"]
+
+
+async def test_wal_is_checkpointed_off_the_writer_and_stays_bounded(tmp_path: Path):
+    """Commits never checkpoint (that was a request's p99); the checkpointer's thread does,
+    and a writer that never pauses (1,500 requests with 4 KB bodies back to back, about
+    50 MB of WAL frames without checkpoints) still leaves a WAL of bounded size."""
+    body = request_json("x", metadata={"pad": "x" * 4096})
+    async with Journal(tmp_path) as journal:
+        for index in range(1500):
+            await journal.admit(f"w-{index}", "mock", body)
+            await journal.finish(f"w-{index}", "ImageReady", None, "{}", total_ms=1.0)
+        async with asyncio.timeout(10):
+            while journal.checkpointer.checkpoints == 0:
+                await asyncio.sleep(0.01)
+        wal = (tmp_path / (JOURNAL_FILE + "-wal")).stat().st_size
+        reader = await asyncio.to_thread(connect, journal.path, readonly=True)
+        try:
+            assert reader.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1500
+        finally:
+            reader.close()
+    assert wal < RESTART_WAL_BYTES + 8 * 1024 * 1024, wal
+
+
+async def test_wal_starts_over_when_the_writer_pauses(tmp_path: Path):
+    """Requests one after another (a pause between commits) let the checkpointer copy every
+    frame, so the WAL is reused from its start, well below the size that forces a restart."""
+    body = request_json("x", metadata={"pad": "x" * 4096})
+    async with Journal(tmp_path) as journal:
+        for index in range(600):
+            await journal.admit(f"s-{index}", "mock", body)
+            await journal.finish(f"s-{index}", "ImageReady", None, "{}", total_ms=1.0)
+            await asyncio.sleep(0.002)
+        wal = (tmp_path / (JOURNAL_FILE + "-wal")).stat().st_size
+    assert journal.checkpointer.checkpoints > 0
+    assert wal < 8 * 1024 * 1024, wal  # about 20 MB of frames were written
