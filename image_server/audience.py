@@ -13,6 +13,7 @@ import asyncio
 class Audience:
     def __init__(self) -> None:
         self._subscriptions: set[bytes] = set()
+        self._covered: dict[bytes, bool] = {}  # topic -> covers(topic), until the next change
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -24,6 +25,7 @@ class Audience:
     def observe(self, frame: bytes) -> None:
         """An XPUB subscription message: ``\\x01<prefix>`` subscribes; ``\\x00<prefix>``
         arrives when the last subscriber to a prefix has left (or disconnected)."""
+        self._covered.clear()
         if frame[:1] == b"\x01":
             self._subscriptions.add(frame[1:])
             self._changed.set()
@@ -32,7 +34,15 @@ class Audience:
             self._subscriptions.discard(frame[1:])
 
     def covers(self, topic: bytes) -> bool:
-        return any(topic.startswith(prefix) for prefix in self._subscriptions)
+        """Whether some subscription is a prefix of ``topic``; looked up per prefix of the
+        topic (and remembered), so the cost does not grow with the number of subscribers."""
+        known = self._covered.get(topic)
+        if known is None:
+            known = any(topic[:length] in self._subscriptions for length in range(len(topic) + 1))
+            if len(self._covered) > 4096:  # one entry per client and type: bounded all the same
+                self._covered.clear()
+            self._covered[topic] = known
+        return known
 
     async def heard(self, topic: bytes, grace_s: float) -> bool:
         """Wait until someone subscribes to ``topic`` (True) or ``grace_s`` passes (False)."""

@@ -16,6 +16,7 @@ from typing import Any
 import zmq.asyncio
 from pydantic import BaseModel
 
+from image_server.audience import Audience
 from image_server.config import ServiceConfig
 from image_server.publisher import EventPublisher
 from schemas import RenderRequest
@@ -47,6 +48,9 @@ class PlainJsonPublisher(EventPublisher):
         if unknown:
             self._echo[data["request_id"]] = unknown
 
+    def wanted(self, event_type: str, topic: bytes) -> bool:
+        return event_type in TERMINAL_TYPES  # the only events this profile sends
+
     def frames(self, event: BaseModel, topic: bytes, body: bytes, blobs: Sequence[bytes]) -> list[bytes] | None:
         if getattr(event, "type", None) not in TERMINAL_TYPES:
             return None
@@ -60,7 +64,11 @@ class PlainJsonPublisher(EventPublisher):
 
 
 def make_publisher(
-    socket: zmq.asyncio.Socket, config: ServiceConfig, *, observer: Callable[[BaseModel], None] | None = None
+    socket: zmq.asyncio.Socket,
+    config: ServiceConfig,
+    *,
+    observer: Callable[[BaseModel], None] | None = None,
+    audience: Audience | None = None,
 ) -> EventPublisher:
     """The publisher the config asks for: plain JSON for a compatibility profile, else topics."""
     compat = config.compat
@@ -71,4 +79,4 @@ def make_publisher(
             echo_unknown_fields=compat.echo_unknown_fields,
             observer=observer,
         )
-    return EventPublisher(socket, service_id=config.service_id, observer=observer)
+    return EventPublisher(socket, service_id=config.service_id, observer=observer, audience=audience)

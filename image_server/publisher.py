@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 import zmq.asyncio
 from pydantic import BaseModel
 
+from image_server.audience import Audience
 from schemas import ImageReady, RenderAccepted, RenderError, event_topic
 
 E = TypeVar("E", bound=BaseModel)
@@ -28,12 +29,21 @@ class EventPublisher:
         *,
         service_id: str,
         observer: Callable[[BaseModel], None] | None = None,
+        audience: Audience | None = None,
     ) -> None:
         self.socket = socket
+        # Set when the socket is an XPUB (it reports subscriptions): progress events that no
+        # subscription covers are then neither built nor sent.
+        self.audience = audience
         self.service_id = service_id
         self._seq = itertools.count(1)
         self.published = 0
         self.observer = observer  # sees every event sent (metrics)
+
+    def wanted(self, event_type: str, topic: bytes) -> bool:
+        """Whether an event that a client may miss (progress) is worth building: someone
+        subscribed to its topic (a compatibility publisher overrides this)."""
+        return self.audience is None or self.audience.covers(topic)
 
     def frames(self, event: BaseModel, topic: bytes, body: bytes, blobs: Sequence[bytes]) -> list[bytes] | None:
         """The message for ``event``: ``[topic, json, *blobs]``; None to send nothing
@@ -55,10 +65,13 @@ class EventPublisher:
         """Stamp and send without awaiting (for progress events: a PUB socket never blocks,
         so the send happens now; a task per event would cost more than the send)."""
         _not_for_the_outbox(event)
+        event_type = type(event).model_fields["type"].default
+        topic = event_topic(event_type, reply_to).encode("ascii")
+        if not self.wanted(event_type, topic):
+            return
         stamped = self.stamp(event)
         if self.observer is not None:
             self.observer(stamped)
-        topic = event_topic(type(stamped).model_fields["type"].default, reply_to).encode("ascii")
         frames = self.frames(stamped, topic, stamped.model_dump_json().encode(), ())
         if frames is None:
             return

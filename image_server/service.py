@@ -153,7 +153,9 @@ class ImageService:
         for role, socket in (("requests", self._request_socket), ("events", events)):
             if getattr(self.config.sockets, role).bind:
                 self.endpoints[role] = bound_endpoint(socket)
-        self._publisher = make_publisher(events, self.config, observer=self.metrics.observe)
+        # Only an XPUB reports subscriptions (read by the subscription loop started below).
+        audience = self.audience if self.config.sockets.events.kind == "xpub" else None
+        self._publisher = make_publisher(events, self.config, observer=self.metrics.observe, audience=audience)
         await stack.enter_async_context(self.manager)
         await self.manager.preload()  # a model that does not load fails the start (exit 3)
         http_client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
