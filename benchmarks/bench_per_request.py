@@ -192,9 +192,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=REQUESTS)
     parser.add_argument("--rss", action="store_true")
     parser.add_argument("--jitter", action="store_true")
+    parser.add_argument("--full", action="store_true", help="every round's figures too")
     args = parser.parse_args()
     result = run(args.runs, args.requests, args.rss, args.jitter)
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    print(json.dumps(result if args.full else {k: v for k, v in result.items() if k != "runs"}, indent=2))
 
 
 if __name__ == "__main__":
