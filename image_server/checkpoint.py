@@ -7,8 +7,9 @@ The writer connection turns that off (``PRAGMA wal_autocheckpoint=0``) and this 
 connection of its own, runs ``PRAGMA wal_checkpoint(PASSIVE)`` after every ``every_commits``
 commits, or every ``interval_s`` when commits are fewer. A passive checkpoint never waits for
 the writer and the writer never waits for it (WAL lets both run at once), so requests stop
-paying for it; the WAL's size stays bounded as before, by how much is written between two
-checkpoints.
+paying for it. The WAL starts over from its beginning when a write finds every frame copied;
+a writer that never pauses can outrun that, so past ``RESTART_WAL_BYTES`` one checkpoint
+waits for the writer (``RESTART``), which bounds the WAL (tests/test_journal.py).
 """
 
 from __future__ import annotations
