@@ -22,6 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import bench_cluster
 import bench_delay
 import bench_jitter
 import bench_journal
@@ -192,6 +193,27 @@ def workflow_rows(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def cluster_rows(r: dict[str, Any]) -> list[Row]:
+    m, target = r["median"], r["target"]
+    per_n, scaling = m["images_per_s"], m["scaling"]
+    single, nats, added = m["latency_single_ms"], m["latency_nats_ms"], m["added_ms"]
+    return [
+        (
+            "9. NATS mode, mock 0.5 s, concurrency 4 per worker: images/s with 1 / 2 / 3 workers",
+            f"{per_n[1]} / {per_n[2]} / {per_n[3]} (x N of one: {scaling[2]:.2f}, {scaling[3]:.2f})",
+            f">= {target['scaling']} x N",
+            _met(min(scaling[2], scaling[3]) >= target["scaling"]),
+        ),
+        (
+            "9. ready 64x64, frames, sequential: round trip single process vs gateway + worker on NATS",
+            f"p50 {single['p50_ms']} vs {nats['p50_ms']} ms (added {added['p50_ms']}); "
+            f"p99 {single['p99_ms']} vs {nats['p99_ms']} ms (added {added['p99_ms']})",
+            f"added p50 < {target['added_p50_ms']} ms",
+            _met(added["p50_ms"] < target["added_p50_ms"]),
+        ),
+    ]
+
+
 BENCHMARKS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[dict[str, Any]], list[Row]]]] = {
     "overhead": (lambda runs: bench_overhead.run(runs), overhead_rows),
     "mock_1024": (lambda runs: bench_mock_1024.run(runs), mock_rows),
@@ -200,6 +222,7 @@ BENCHMARKS: dict[str, tuple[Callable[[int], dict[str, Any]], Callable[[dict[str,
     "jitter": (lambda runs: bench_jitter.run(runs), jitter_rows),
     "journal": (lambda runs: bench_journal.run(runs), journal_rows),
     "workflows": (lambda runs: bench_workflows.run(runs), workflow_rows),
+    "cluster": (lambda runs: bench_cluster.run(runs), cluster_rows),
 }
 
 

@@ -78,9 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     _global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", parents=[common], help="run the service")
-    serve.add_argument("--requests-bind", help="bind the requests socket here (e.g. tcp://127.0.0.1:5555)")
-    serve.add_argument("--events-bind", help="bind the events socket here (e.g. tcp://127.0.0.1:5556)")
+    serve = commands.add_parser(
+        "serve", parents=[common], help="run the service (with [cluster]: a gateway and a worker in one process)"
+    )
+    gateway = commands.add_parser(
+        "gateway", parents=[common], help="distributed mode: the ZMQ front door and event relay (renders nothing)"
+    )
+    for command in (serve, gateway):
+        command.add_argument("--requests-bind", help="bind the requests socket here (e.g. tcp://127.0.0.1:5555)")
+        command.add_argument("--events-bind", help="bind the events socket here (e.g. tcp://127.0.0.1:5556)")
+    worker = commands.add_parser(
+        "worker", parents=[common], help="distributed mode: render requests from NATS JetStream (no ZMQ sockets)"
+    )
+    worker.add_argument("--worker-id", help="this worker's name in status (default: service_id-host-pid)")
 
     render = commands.add_parser("render", parents=[common], help="render one image in-process and print its path")
     render.add_argument("prompt", help="what to draw")
@@ -101,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="start the service on loopback, render through real sockets, show timings"
     )
 
-    jobs = commands.add_parser("jobs", parents=[common], help="list recent journal entries")
+    jobs = commands.add_parser(
+        "jobs", parents=[common], help="list recent journal entries (with [cluster]: workers and queues)"
+    )
     jobs.add_argument("--limit", type=int, default=30, help="how many entries, newest first")
 
     health = commands.add_parser(
@@ -122,22 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dir", default="keys", help="folder for the key files (created 0700)")
     generate.add_argument("--name", default="server", help="file name stem, e.g. server or a client's name")
 
-    broker = commands.add_parser("broker", parents=[common], help="one address for clients in front of N workers")
-    broker.add_argument("--clients-requests", default="tcp://127.0.0.1:5555", help="clients send requests here")
-    broker.add_argument("--clients-events", default="tcp://127.0.0.1:5556", help="clients subscribe here")
-    broker.add_argument("--workers-requests", default="tcp://127.0.0.1:5557", help="workers' PULL sockets connect here")
-    broker.add_argument("--workers-events", default="tcp://127.0.0.1:5558", help="workers' event sockets connect here")
-    broker.add_argument("--clients-kind", choices=["pub", "push"], default="pub", help="what clients send with")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("broker", "keys"):
+    if args.command == "keys":
         setup_logging(args.log_level or "info", fmt=args.log_format or "text")
         from image_server import commands
 
-        return commands.broker(args) if args.command == "broker" else commands.generate_keys(args)
+        return commands.generate_keys(args)
     try:
         config = load_config(_config_path(args.config), overrides=_flag_overrides(args))
     except ConfigError as exc:
@@ -145,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"image-server: {failure.message}", file=sys.stderr)
         return failure.exit_code
     log = config.log
-    quiet = args.command not in ("serve", "broker")  # one-shot commands print results, not log lines
+    quiet = args.command not in ("serve", "gateway", "worker")  # one-shot commands print results, not log lines
     setup_logging(
         args.log_level or ("warning" if quiet else log.level),
         fmt=args.log_format or log.format,
@@ -163,8 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _dispatch(args: argparse.Namespace, config: ServiceConfig) -> int:
     from image_server import commands
 
-    if args.command == "serve":
-        return await commands.serve(config)
+    if args.command in ("serve", "gateway", "worker"):
+        return await commands.serve(config, role=args.command, worker_id=getattr(args, "worker_id", None))
     if args.command == "render":
         return await commands.render_once(config, args)
     if args.command == "generators":
@@ -172,6 +178,8 @@ async def _dispatch(args: argparse.Namespace, config: ServiceConfig) -> int:
     if args.command == "demo":
         return await commands.demo(config)
     if args.command == "jobs":
+        if config.cluster.enabled:
+            return await commands.cluster_jobs(config)
         return commands.jobs(config, limit=args.limit)
     if args.command == "health":
         from image_server.healthcmd import health

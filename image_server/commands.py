@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import signal
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -17,9 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from image_server.broker import Broker, BrokerEndpoints
 from image_server.client import RenderClient, RenderFailed
-from image_server.config import ServiceConfig, SocketConfig, SocketsConfig
+from image_server.config import ClusterConfig, ServiceConfig, SocketConfig, SocketsConfig
 from image_server.errors import ImageServerError
 from image_server.generators.registry import create_generator
 from image_server.journal import recent_entries
@@ -42,20 +39,39 @@ errors = Console(stderr=True)
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
-async def serve(config: ServiceConfig) -> int:
-    """Check, start and run until signalled; a refusal is one line and a distinct exit code."""
+async def serve(config: ServiceConfig, *, role: str = "serve", worker_id: str | None = None) -> int:
+    """``serve`` (one process; with [cluster] a gateway and a worker), ``gateway`` or ``worker``:
+    check, start and run until signalled; a refusal is one line and a distinct exit code."""
+    if role != "serve" and not config.cluster.enabled:
+        errors.print(f'[red]image-server {role}[/red] needs distributed mode: set [cluster] backend = "nats"')
+        return 2
     await asyncio.to_thread(preflight, config)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the service owns this process
-    service = ImageService(config, handle_signals=True)
     try:
-        await service.start()
-    except Exception as exc:
-        failure = startup_failure(exc)
-        if failure is None:
+        if config.cluster.enabled and role != "gateway":
+            from image_server.cluster.roles import run_worker
+
+            return await run_worker(config, worker_id=worker_id, with_gateway=role == "serve")
+        if config.cluster.enabled:
+            from image_server.cluster.roles import gateway_service
+
+            service = gateway_service(config, handle_signals=True)
+        else:
+            service = ImageService(config, handle_signals=True)
+        try:
+            await service.start()
+        except ConnectionError:
             raise
-        raise failure from None
-    await service.serve_until_stopped()
-    return 0
+        except Exception as exc:
+            failure = startup_failure(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        await service.serve_until_stopped()
+        return 0
+    except ConnectionError as exc:  # cluster.connection.ClusterUnavailable: NATS unreachable or refusing us
+        errors.print(f"image-server {role}: {exc}", markup=False, highlight=False)
+        return 1
 
 
 def _reference_source(value: str) -> ImageSource:
@@ -145,7 +161,7 @@ async def demo(config: ServiceConfig) -> int:
         requests=SocketConfig(kind="sub", bind="tcp://127.0.0.1:0"),
         events=SocketConfig(kind="xpub", bind="tcp://127.0.0.1:0"),
     )
-    config = config.model_copy(update={"sockets": loopback})
+    config = config.model_copy(update={"sockets": loopback, "cluster": ClusterConfig()})  # always one process
     prompt = "a lighthouse on a cliff at dusk, long exposure"
     console.print(f"[bold]image-server demo[/bold]: generator [cyan]{config.default_generator}[/cyan]")
     async with ImageService(config) as service:
@@ -193,24 +209,29 @@ def jobs(config: ServiceConfig, *, limit: int) -> int:
     return 0
 
 
-def broker(args: argparse.Namespace) -> int:
-    """Run the broker until SIGINT/SIGTERM."""
-    endpoints = BrokerEndpoints(
-        clients_requests=args.clients_requests,
-        clients_events=args.clients_events,
-        workers_requests=args.workers_requests,
-        workers_events=args.workers_events,
-        clients_kind=args.clients_kind,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    running = Broker(endpoints)
-    running.start()
-    console.print(f"broker up: {running.bound}")
-    stop.wait()
-    running.stop()
-    running.context.term()
+async def cluster_jobs(config: ServiceConfig) -> int:
+    """Distributed mode: live workers and the queue per priority band, read from NATS."""
+    from image_server.cluster.roles import read_status
+
+    try:
+        status = await read_status(config)
+    except ConnectionError as exc:
+        errors.print(f"image-server jobs: {exc}", markup=False, highlight=False)
+        return 1
+    workers = Table("worker", "host", "generators", "in flight", "up s", title="workers alive")
+    for worker in status.workers:
+        workers.add_row(
+            worker.worker_id,
+            worker.host,
+            ", ".join(worker.generators),
+            f"{worker.in_flight}/{worker.concurrency}",
+            f"{worker.uptime_s:.0f}",
+        )
+    console.print(workers)
+    bands = Table("band", "queued", "running", title=f"requests (redelivered now: {status.redelivered})")
+    for band, queued in status.queued.items():
+        bands.add_row(band, str(queued), str(status.running.get(band, 0)))
+    console.print(bands)
     return 0
 
 

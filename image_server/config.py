@@ -109,7 +109,7 @@ class SecurityConfig(_Section):
     curve: bool = False
     secret_key: Path = Path("keys/server.key_secret")  # this service's key pair (mode 0600)
     authorized_keys: Path = Path("keys/authorized")  # public keys of the clients allowed in
-    server_public_key: Path | None = None  # for sockets that connect to a CURVE server (a broker)
+    server_public_key: Path | None = None  # for sockets that connect to a CURVE server (a proxy)
 
 
 class JournalConfig(_Section):
@@ -180,6 +180,43 @@ COMPAT_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+class ClusterConfig(_Section):
+    """``[cluster]``: the embedded single process (default) or NATS JetStream (distributed mode)."""
+
+    backend: Literal["embedded", "nats"] = "embedded"
+    servers: list[str] = Field(default_factory=lambda: ["nats://127.0.0.1:4222"], min_length=1)
+    # Credentials: secrets come from environment variables or files, never from this file.
+    user: str | None = None
+    password_env: str | None = None  # the variable holding the password for ``user``
+    token_env: str | None = None  # the variable holding a token
+    nkey_seed_file: Path | None = None
+    creds_file: Path | None = None  # a decentralized-auth .creds file (JWT + nkey seed)
+    tls_ca_file: Path | None = None  # trust this CA (turns TLS on)
+    tls_cert_file: Path | None = None  # client certificate, when the server wants one
+    tls_key_file: Path | None = None
+    replicas: int = Field(default=1, ge=1, le=5)  # of every stream and bucket (3 on a 3-node cluster)
+    ack_wait_s: float = Field(default=30.0, gt=0, le=3600)  # silence after which a request goes to another worker
+    max_deliver: int = Field(default=5, ge=1, le=100)  # deliveries before a request ends with RenderError(internal)
+    worker_concurrency: int = Field(default=4, ge=1, le=1000)  # requests one worker renders at once
+    worker_heartbeat_s: float = Field(default=2.0, gt=0, le=60)  # a worker is gone after 3 missed beats
+    duplicate_window_s: float = Field(default=600.0, gt=0)  # repeats of a request id inside it are dropped
+    results_ttl_s: float = Field(default=7 * 24 * 3600, gt=0)  # stored terminal events and images
+    events_ttl_s: float = Field(default=3600.0, gt=0)  # how long a stopped gateway can catch up
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials(self) -> ClusterConfig:
+        if self.password_env and not self.user:
+            raise ValueError("cluster.password_env needs cluster.user")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both cluster.tls_cert_file and cluster.tls_key_file, or neither")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend == "nats"
+
+
 class ServiceConfig(_Section):
     service_id: str = "image-server"
     state_dir: Path = Path("state")
@@ -202,6 +239,7 @@ class ServiceConfig(_Section):
     cache: CacheConfig = CacheConfig()
     prompting: PromptingConfig = PromptingConfig()
     hedging: dict[str, HedgeConfig] = Field(default_factory=dict)  # by generator: off unless listed
+    cluster: ClusterConfig = ClusterConfig()
     generators: dict[str, GeneratorConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -12,8 +12,8 @@ import logging
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, Self
 
 import httpx
 import zmq
@@ -25,6 +25,7 @@ from image_server.cache.reuse import ResultReuse
 from image_server.cache.storage import DiskCacheStorage
 from image_server.compat import PlainJsonPublisher, make_publisher
 from image_server.config import ServiceConfig
+from image_server.errors import ConfigError
 from image_server.frugal import FrugalPipeline
 from image_server.health import ServiceProbe
 from image_server.httpcount import counting_http_responses
@@ -37,6 +38,7 @@ from image_server.manager import GeneratorManager
 from image_server.metrics import ServiceMetrics
 from image_server.offload import DECODE_IN_THREAD_BYTES, as_bytes_in_chunks, prestart_worker_threads
 from image_server.outbox import Outbox
+from image_server.pipeline import RenderPipeline
 from image_server.prompting.ollama import OllamaCompressor
 from image_server.prompting.policy import PromptPolicy
 from image_server.publisher import EventPublisher
@@ -52,6 +54,7 @@ from image_server.web import HttpServer
 from image_server.web.health import health_server
 from schemas import (
     CancelRequest,
+    ClusterStatus,
     GeneratorStatus,
     Heartbeat,
     RenderError,
@@ -69,6 +72,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class Frontend(Protocol):
+    """Where requests go instead of this process's tracker and journal: distributed mode's
+    gateway (image_server.cluster.gateway), handed in by whoever builds the service, so this
+    module never imports the cluster package."""
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(self, *exc_info: object) -> None: ...
+    async def on_render(
+        self, request: RenderRequest, frames: Sequence[bytes | bytearray], raw: bytes | bytearray | None, owner: str
+    ) -> None: ...
+    async def cancel(self, request_id: str, owner: str) -> bool: ...
+    async def status(self) -> ClusterStatus: ...
+
+
+FrontendFactory = Callable[[ServiceConfig, RenderPipeline, EventPublisher, "Counter[str]"], Frontend]
+
+
 class ImageService:
     """Serve until stopped: ``await service.run()``, or ``async with service:`` in tests."""
 
@@ -80,8 +100,15 @@ class ImageService:
         manager: GeneratorManager | None = None,
         store: OutputStore | None = None,
         handle_signals: bool = False,
+        frontend: FrontendFactory | None = None,
     ) -> None:
+        if config.cluster.enabled and frontend is None:
+            raise ConfigError(
+                "[cluster] is set: build the gateway with image_server.cluster.roles.gateway_service "
+                "(or run `image-server gateway`)"
+            )
         self.config = config
+        self._frontend_factory = frontend
         self._own_context = context is None
         self.context = context or zmq.asyncio.Context()
         self.manager = manager or GeneratorManager(
@@ -112,6 +139,7 @@ class ImageService:
         self.audience = Audience()
         self._pipeline: FrugalPipeline | None = None
         self.journal: Journal | None = None
+        self._gateway: Frontend | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -126,7 +154,7 @@ class ImageService:
 
     async def _start(self) -> None:
         stack = self._stack
-        if self.config.journal.enabled:
+        if self.config.journal.enabled and self._frontend_factory is None:
             # Before anything is bound: a second service on this journal must change nothing.
             lock = StateLock(self.config.state_dir)
             lock.acquire()
@@ -160,7 +188,12 @@ class ImageService:
         await self.manager.preload()  # a model that does not load fails the start (exit 3)
         http_client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
         self._pipeline = await self._frugal_pipeline(http_client)
-        if self.config.journal.enabled:
+        if self._frontend_factory is not None:
+            # Distributed mode: JetStream holds requests and results; this process is a gateway.
+            self._gateway = await stack.enter_async_context(
+                self._frontend_factory(self.config, self._pipeline, self._publisher, self.counters)
+            )
+        elif self.config.journal.enabled:
             journal_config = self.config.journal
             self.journal = await stack.enter_async_context(
                 Journal(
@@ -411,7 +444,11 @@ class ImageService:
             if isinstance(self._publisher, PlainJsonPublisher):
                 self._publisher.remember(decoded.payload)
             frames = [blob if isinstance(blob, bytes | bytearray) else bytes(blob) for blob in decoded.blobs]
-            await self.tracker.on_render(message, raw=decoded.payload, frames=frames, user_id=user_id)
+            if self._gateway is not None:
+                owner = owner_key(user_id, message.reply_to)
+                await self._gateway.on_render(message, frames, raw=decoded.payload, owner=owner)
+            else:
+                await self.tracker.on_render(message, raw=decoded.payload, frames=frames, user_id=user_id)
         elif isinstance(message, CancelRequest):
             await self._on_cancel(message, user_id)
         elif isinstance(message, StatusRequest):
@@ -435,11 +472,18 @@ class ImageService:
         self.tracker.refuse(ticket, RenderError(request_id=request_id, code=code, message=exc.reason))
 
     async def _on_cancel(self, message: CancelRequest, user_id: str | None) -> None:
-        if not self.tracker.cancel(message.request_id, reply_to=message.reply_to, user_id=user_id):
+        if self._gateway is not None:
+            found = await self._gateway.cancel(message.request_id, owner=owner_key(user_id, message.reply_to))
+        else:
+            found = self.tracker.cancel(message.request_id, reply_to=message.reply_to, user_id=user_id)
+        if not found:
             logger.info("cancel for %s: not in flight for its sender", message.request_id)
 
     async def _on_status(self, message: StatusRequest) -> None:
-        await self.publisher.publish(self.status(message.request_id), reply_to=message.reply_to)
+        status = self.status(message.request_id)
+        if self._gateway is not None:
+            status = status.model_copy(update={"cluster": await self._gateway.status()})
+        await self.publisher.publish(status, reply_to=message.reply_to)
 
     def status(self, request_id: str | None = None) -> ServiceStatus:
         scheduler = self.manager.scheduler

@@ -25,7 +25,7 @@ from image_server.errors import StorageFailed
 from image_server.formats import image_format_of
 from image_server.generators.base import GeneratedImage
 from image_server.pngtext import insert_text
-from schemas import OutputFormat, OutputImage, RenderRequest
+from schemas import DeliveryMode, OutputFormat, OutputImage, RenderRequest
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -37,6 +37,17 @@ WEBP_QUALITY = 90
 class StoredImage:
     output: OutputImage
     blob: bytes | None = None  # raw bytes to send as an extra frame (delivery "frames")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one image of a request goes: its file name parts, or its frame index."""
+
+    request_id: str
+    project: str
+    generator: str
+    index: int  # among the request's images
+    frame: int  # among the images sent as raw frames
 
 
 @dataclass(frozen=True)
@@ -81,8 +92,10 @@ class OutputStore:
         project: str,
         parameters: Mapping[str, Any],
         now: datetime | None = None,
+        delivery: DeliveryMode | None = None,
     ) -> list[StoredImage]:
-        """Encode and deliver every image as the request's ``delivery`` says."""
+        """Encode and deliver every image as ``delivery`` (default: the request's) says; a
+        provider URL is passed through when the request asked for ``url`` delivery."""
         texts = {"parameters": json.dumps(dict(parameters), default=str), "prompt": request.prompt}
         folder = self._folder(project, generator, now)
         stored: list[StoredImage] = []
@@ -99,8 +112,24 @@ class OutputStore:
                 "seed": image.seed,
                 "sha256": hashlib.sha256(encoded.data).hexdigest(),
             }
-            stored.append(self._deliver(request, folder, index, encoded.data, common, stored))
+            frame = sum(1 for item in stored if item.blob is not None)
+            place = Placement(request.request_id, project, generator, index, frame)
+            stored.append(self._deliver(place, delivery or request.delivery, folder, encoded.data, common))
         return stored
+
+    def deliver(
+        self,
+        data: bytes,
+        described: OutputImage,
+        place: Placement,
+        delivery: DeliveryMode,
+        *,
+        now: datetime | None = None,
+    ) -> StoredImage:
+        """One encoded image as ``delivery`` asks (a gateway in distributed mode calls this
+        with bytes a worker rendered)."""
+        common = described.model_dump(include={"width", "height", "format", "seed", "sha256"})
+        return self._deliver(place, delivery, self._folder(place.project, place.generator, now), data, common)
 
     def deliver_encoded(
         self,
@@ -123,7 +152,9 @@ class OutputStore:
                 "seed": described.seed,
                 "sha256": described.sha256 or hashlib.sha256(data).hexdigest(),
             }
-            stored.append(self._deliver(request, folder, index, data, common, stored))
+            frame = sum(1 for item in stored if item.blob is not None)
+            place = Placement(request.request_id, project, generator, index, frame)
+            stored.append(self._deliver(place, request.delivery, folder, data, common))
         return stored
 
     def _folder(self, project: str, generator: str, now: datetime | None) -> Path:
@@ -131,21 +162,14 @@ class OutputStore:
         return folder / (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d")
 
     def _deliver(
-        self,
-        request: RenderRequest,
-        folder: Path,
-        index: int,
-        data: bytes,
-        common: dict[str, Any],
-        earlier: list[StoredImage],
+        self, place: Placement, delivery: DeliveryMode, folder: Path, data: bytes, common: dict[str, Any]
     ) -> StoredImage:
-        """One encoded image, delivered as ``request.delivery`` says (file, inline or frames)."""
-        if request.delivery == "inline":
+        """One encoded image, delivered as ``delivery`` says (file, inline or frames)."""
+        if delivery == "inline":
             return StoredImage(OutputImage(data=base64.b64encode(data).decode(), **common))
-        if request.delivery == "frames":
-            frame = sum(1 for item in earlier if item.blob is not None)
-            return StoredImage(OutputImage(frame=frame, **common), blob=data)
-        name = f"{file_stem(request.request_id)}_{index}.{EXTENSIONS[common['format']]}"
+        if delivery == "frames":
+            return StoredImage(OutputImage(frame=place.frame, **common), blob=data)
+        name = f"{file_stem(place.request_id)}_{place.index}.{EXTENSIONS[common['format']]}"
         path = self._write(folder / name, data)
         return StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common))
 

@@ -14,6 +14,7 @@ from schemas.messages import (
     BatchDone,
     BatchMemberOutcome,
     CancelRequest,
+    ClusterStatus,
     DeliveryMode,
     ErrorCode,
     GeneratorStatus,
@@ -34,6 +35,7 @@ from schemas.messages import (
     ServiceStatus,
     StatusRequest,
     Timings,
+    WorkerStatus,
 )
 from schemas.wire import (
     MESSAGE_ADAPTER,
@@ -55,6 +57,7 @@ __all__ = [
     "DecodedMessage",
     "DeliveryMode",
     "ErrorCode",
+    "ClusterStatus",
     "GeneratorStatus",
     "Heartbeat",
     "ImageReady",
@@ -71,6 +74,7 @@ __all__ = [
     "RenderRequest",
     "RequestConflict",
     "ServiceStatus",
+    "WorkerStatus",
     "StatusRequest",
     "Timings",
     "WireError",

@@ -346,6 +346,30 @@ class GeneratorStatus(BaseModel):
     over_budget: bool = False  # a daily or monthly budget is spent: requests for it get over_budget
 
 
+class WorkerStatus(BaseModel):
+    """One live worker in distributed mode (from its heartbeat entry)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    worker_id: str
+    host: str
+    generators: list[str] = Field(default_factory=list)
+    in_flight: int = 0
+    concurrency: int = 1
+    uptime_s: float = 0.0
+
+
+class ClusterStatus(BaseModel):
+    """Distributed mode: live workers, requests waiting per priority band, redeliveries."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    workers: list[WorkerStatus] = Field(default_factory=list)
+    queued: dict[str, int] = Field(default_factory=dict)  # band -> requests not yet delivered
+    running: dict[str, int] = Field(default_factory=dict)  # band -> delivered, not yet acknowledged
+    redelivered: int = 0  # deliveries now pending that are not the first
+
+
 class ServiceStatus(_Outbound):
     """Answer to ``StatusRequest``."""
 
@@ -360,6 +384,7 @@ class ServiceStatus(_Outbound):
     version: str = ""  # the service's package version
     journal_bytes: int | None = None  # what the journal holds now (None: no journal)
     journal_max_bytes: int | None = None  # its quota (journal.max_bytes); None: no quota
+    cluster: ClusterStatus | None = None  # distributed mode only
 
 
 InboundMessage = Annotated[RenderRequest | CancelRequest | StatusRequest, Field(discriminator="type")]

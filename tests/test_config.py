@@ -150,8 +150,8 @@ def example_count() -> int:
 
 def test_examples_stay_comments_in_the_shipped_config():
     # fal, openai, gemini, cloudflare, kie with cloudflare_flux, leonardo, runware, invokeai, comfyui, runpod,
-    # diffusers, spending
-    assert example_count() == 12
+    # diffusers, spending; [cluster]
+    assert example_count() == 13
     shipped = load_config(REPO / "config.toml", environ={})
     assert not EXAMPLE_NAMES & set(shipped.generators)
 
@@ -213,8 +213,10 @@ def test_all_examples_uncommented_validate(optional):
 @pytest.mark.parametrize("block", range(example_count()))
 def test_each_example_validates_on_its_own(block):
     data = tomllib.loads(uncomment_examples(SHIPPED, only=block))
-    added = set(build_config(data).generators) - {"mock"}
-    assert added and added <= EXAMPLE_NAMES
+    config = build_config(data)
+    added = set(config.generators) - {"mock"}
+    assert added <= EXAMPLE_NAMES
+    assert added or config.cluster.enabled  # every block configures something
 
 
 def test_a_broken_example_is_caught(tmp_path):
