@@ -83,6 +83,7 @@ class Frontend(Protocol):
         self, request: RenderRequest, frames: Sequence[bytes | bytearray], raw: bytes | bytearray | None, owner: str
     ) -> None: ...
     async def cancel(self, request_id: str, owner: str) -> bool: ...
+    async def refuse(self, ticket: Ticket, event: RenderError) -> None: ...
     async def status(self) -> ClusterStatus: ...
 
 
@@ -469,7 +470,11 @@ class ImageService:
         self._refusals.warning("rejected %s: %s", request_id, exc.reason[:200])
         ticket = Ticket(request_id, owner_key(user_id, exc.reply_to), exc.reply_to)
         code = "prompt_too_long" if exc.code == "prompt_too_long" else "invalid_request"
-        self.tracker.refuse(ticket, RenderError(request_id=request_id, code=code, message=exc.reason))
+        refusal = RenderError(request_id=request_id, code=code, message=exc.reason)
+        if self._gateway is not None:
+            await self._gateway.refuse(ticket, refusal)
+        else:
+            self.tracker.refuse(ticket, refusal)
 
     async def _on_cancel(self, message: CancelRequest, user_id: str | None) -> None:
         if self._gateway is not None:

@@ -16,14 +16,15 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
 from image_server.cluster import names
 from image_server.cluster.connection import Cluster, open_cluster
 from image_server.cluster.envelope import Envelope
-from image_server.cluster.relay import Relay
+from image_server.cluster.relay import Relay, send_stored
 from image_server.config import ServiceConfig
 from image_server.errors import ImageServerError, InvalidRequest
+from image_server.identity import Ticket
 from image_server.outcomes import error_event
 from image_server.pipeline import RenderPipeline, RenderPlan
 from image_server.publisher import EventPublisher
@@ -98,9 +99,8 @@ class Gateway:
         except ImageServerError as exc:
             self.counters["rejected"] += 1
             logger.info("! %s refused: %s", rid, exc.message)
-            await self.publisher.publish(
-                error_event(exc, request, generator=request.generator), reply_to=request.reply_to
-            )
+            refusal = error_event(exc, request, generator=request.generator)
+            await self.refuse(Ticket(rid, owner, request.reply_to), refusal)
             return
         task = asyncio.create_task(self._admit(request, plan, frames, raw, owner), name=f"admit:{rid}")
         self._admitting[rid] = task
@@ -151,7 +151,7 @@ class Gateway:
                 retryable=True,
                 metadata=request.metadata,
             )
-            await self.publisher.publish(failure, reply_to=request.reply_to)
+            await send_stored(self.publisher, failure, reply_to=request.reply_to)
             return
         if not ack.duplicate:
             self.counters["accepted"] += 1
@@ -162,7 +162,7 @@ class Gateway:
                 await self._supersede_channel(request, owner)
         await cluster.nc.publish(names.WORK_NOTICE, names.band_of(request.priority).encode())
         accepted = RenderAccepted(request_id=rid, generator=plan.generator, queue_position=0)
-        await self.publisher.publish(accepted, reply_to=request.reply_to)
+        await send_stored(self.publisher, accepted, reply_to=request.reply_to)
 
     async def _stored(self, rid: str) -> Envelope | None:
         try:
@@ -205,6 +205,25 @@ class Gateway:
         mark = json.dumps({"clear_seq": seq, "by": by, "owner": owner}).encode()
         await self.cluster.control.put(names.clear_key(owner), mark)
         await self.cluster.nc.publish(names.CONTROL_NOTICE, mark)
+
+    async def refuse(self, ticket: Ticket, event: RenderError) -> None:
+        """A message that was not admitted: its RenderError is the id's one terminal event, so
+        it is stored create-only like any other; the same id again gets a RequestConflict."""
+        rid = ticket.request_id
+        envelope = Envelope(event=event.model_dump_json(), request_id=rid, owner=ticket.owner, reply_to=ticket.reply_to)
+        try:
+            create = functools.partial(
+                self.cluster.results.create, names.token(rid), envelope.model_dump_json().encode()
+            )
+            await self.cluster.retry("store refusal", create)
+        except KeyWrongLastSequenceError:
+            await self._conflict(
+                rid, ticket.reply_to, "this id already has its terminal event; the message was ignored"
+            )
+            return
+        except Exception:
+            logger.exception("storing the refusal of %s failed; sending it anyway", rid)
+        await send_stored(self.publisher, event, reply_to=ticket.reply_to)
 
     async def _conflict(self, request_id: str, reply_to: str | None, reason: str) -> None:
         self.counters["conflicts"] += 1

@@ -11,11 +11,13 @@ import asyncio
 import functools
 import logging
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
+from pydantic import BaseModel
 
 from image_server.cluster import names
 from image_server.cluster.connection import Cluster
@@ -64,6 +66,17 @@ async def materialize(envelope: Envelope, cluster: Cluster, store: OutputStore) 
         logger.error("images of %s could not be delivered: %r", envelope.request_id, exc)
         return _failed(event, "internal", "the rendered image is no longer stored; render it again"), []
     return event.model_copy(update={"images": images, "uri": images[0].uri if images else None}), blobs
+
+
+async def send_stored(
+    publisher: EventPublisher, event: BaseModel, *, reply_to: str | None, blobs: Sequence[bytes] = ()
+) -> None:
+    """Send an event on the ZMQ socket with this gateway's ``seq``. In distributed mode
+    JetStream is the journal: a RenderAccepted goes out after the PubAck, a terminal event
+    after it won its create-only slot in IMAGE_RESULTS (and once per id from this relay), a
+    refusal stands for nothing stored. So they take the publisher's stamped path here,
+    as the single process's Outbox does after its journal."""
+    await publisher.send(publisher.stamp(event), reply_to=reply_to, blobs=blobs)
 
 
 def _failed(event: ImageReady, code: str, message: str) -> RenderError:
@@ -143,7 +156,7 @@ class Relay:
             self.counters["completed"] += 1
         elif isinstance(event, RenderError):
             self.counters["failed"] += 1
-        await self.publisher.publish(event, reply_to=envelope.reply_to, blobs=blobs)
+        await send_stored(self.publisher, event, reply_to=envelope.reply_to, blobs=blobs)
 
     def _remember(self, request_id: str) -> None:
         self._relayed[request_id] = None

@@ -160,3 +160,15 @@ async def test_higher_priority_bands_are_pulled_first(deployment: Deployment) ->
     await watch.until_accepted(["low", "normal", "high"])
     assert [await outcome(task) for task in [busy, *waiting]] == ["ready"] * 4
     assert order == ["busy", "high", "normal", "low"]
+
+
+async def test_a_cancel_from_another_client_reaches_nothing(deployment: Deployment) -> None:
+    gateway = await deployment.gateway()
+    await deployment.worker("w1")
+    owner = await deployment.client(gateway)
+    stranger = await deployment.client(gateway)
+    watch = Watch(owner)
+    task = render(owner, "mine", delay_s=1.0)
+    await watch.until_started(["mine"])
+    await stranger.cancel("mine")  # scoped to its sender (reply_to here), as in one process
+    assert await outcome(task) == "ready"
