@@ -199,13 +199,13 @@ def cluster_rows(r: dict[str, Any]) -> list[Row]:
     single, nats, added = m["latency_single_ms"], m["latency_nats_ms"], m["added_ms"]
     return [
         (
-            "9. NATS mode, mock 0.5 s, concurrency 4 per worker: images/s with 1 / 2 / 3 workers",
+            "10. NATS mode, mock 0.5 s, concurrency 4 per worker: images/s with 1 / 2 / 3 workers",
             f"{per_n[1]} / {per_n[2]} / {per_n[3]} (x N of one: {scaling[2]:.2f}, {scaling[3]:.2f})",
             f">= {target['scaling']} x N",
             _met(min(scaling[2], scaling[3]) >= target["scaling"]),
         ),
         (
-            "9. ready 64x64, frames, sequential: round trip single process vs gateway + worker on NATS",
+            "10. ready 64x64, frames, sequential: round trip single process vs gateway + worker on NATS",
             f"p50 {single['p50_ms']} vs {nats['p50_ms']} ms (added {added['p50_ms']}); "
             f"p99 {single['p99_ms']} vs {nats['p99_ms']} ms (added {added['p99_ms']})",
             f"added p50 < {target['added_p50_ms']} ms",
