@@ -50,8 +50,6 @@ from image_server.spend.ledger import SpendLedger
 from image_server.statelock import StateLock
 from image_server.storage import OutputStore
 from image_server.version import VERSION
-from image_server.web import HttpServer
-from image_server.web.health import health_server
 from schemas import (
     CancelRequest,
     ClusterStatus,
@@ -68,6 +66,7 @@ from schemas import (
 
 if TYPE_CHECKING:
     from image_server.console import Console
+    from image_server.web import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +250,9 @@ class ImageService:
             from image_server.console.mount import build_console  # only when configured: pages, thumbnails
 
             console, mount = build_console(self.config, self.endpoints, self.context)
+        # aiohttp loads only when the HTTP listener is configured (it is off by default).
+        from image_server.web.health import health_server
+
         self.http = await stack.enter_async_context(health_server(self.config.http, probe, extra_routes=mount))
         self.endpoints["http"] = self.http.url
         if console is not None:
