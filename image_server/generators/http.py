@@ -13,9 +13,10 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import logging
 import os
 import time
-from collections.abc import Awaitable, Container, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from image_server.errors import (
 from image_server.generators.base import Generator
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 # Big enough for a 4096x4096 PNG, small enough that a hostile server can't fill memory.
 MAX_DOWNLOAD_BYTES = 64 * 1024 * 1024
 
@@ -188,6 +190,39 @@ def backoff_delays(first: float, factor: float, cap: float) -> Iterator[float]:
     while True:
         yield min(delay, cap)
         delay = min(delay * factor, cap)
+
+
+async def poll_answers(
+    fetch: Callable[[], Awaitable[T]],
+    *,
+    first: float,
+    factor: float,
+    cap: float,
+    tolerated: int,
+    what: str,
+) -> AsyncGenerator[T, None]:
+    """Each answer of ``fetch``, called after growing delays (``backoff_delays``), for a remote
+    job the caller follows until it says the job ended.
+
+    Up to ``tolerated`` retryable failures in a row are waited out (honouring their
+    ``retry_after``, at most ``cap``) rather than raised: the job runs on at the provider and
+    is billed, so failing the render would make a retry pay for a second one.
+    """
+    delays = backoff_delays(first, factor, cap)
+    failures = 0
+    while True:
+        await asyncio.sleep(next(delays))
+        try:
+            answer = await fetch()
+        except GenerationFailed as exc:
+            failures += 1
+            if not exc.retryable or failures > tolerated:
+                raise
+            logger.info("%s: poll failed (%d in a row), polling on: %s", what, failures, exc)
+            await asyncio.sleep(min(exc.retry_after or 0.0, cap))
+            continue
+        failures = 0
+        yield answer
 
 
 def decode_base64_image(data: str, *, generator: str) -> bytes:

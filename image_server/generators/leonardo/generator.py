@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Mapping
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import httpx
@@ -28,9 +29,9 @@ from image_server.generators.base import (
 )
 from image_server.generators.http import (
     HTTPGenerator,
-    backoff_delays,
     download_all,
     json_or_none,
+    poll_answers,
     read_api_key,
     scrub,
     translate_transport_errors,
@@ -187,32 +188,32 @@ class LeonardoGenerator(HTTPGenerator):
     async def _wait(self, client: httpx.AsyncClient, generation_id: str, job: RenderJob) -> Polled:
         """Poll with growing delays until COMPLETE or FAILED; a cancel deletes the generation."""
         config = self.config
-        delays = backoff_delays(config.poll_interval_s, config.poll_backoff, config.poll_max_interval_s)
         path = f"/generations/{generation_id}"
-        failures = polls = 0
+        polls = 0
+        answers = poll_answers(
+            lambda: self._call(client, "GET", path, "polling the generation"),
+            first=config.poll_interval_s,
+            factor=config.poll_backoff,
+            cap=config.poll_max_interval_s,
+            tolerated=config.poll_failures_tolerated,
+            what=f"{self.name}: generation {generation_id}",
+        )
         try:
-            while True:
-                await asyncio.sleep(next(delays))
-                try:
-                    payload = await self._call(client, "GET", path, "polling the generation")
-                except GenerationFailed as exc:
-                    failures += 1
-                    if not exc.retryable or failures > config.poll_failures_tolerated:
-                        raise
-                    logger.info("%s: poll %d of %s failed, polling on: %s", self.name, failures, generation_id, exc)
-                    await asyncio.sleep(min(exc.retry_after or 0.0, config.poll_max_interval_s))
-                    continue
-                failures = 0
-                polled = parse_generation(payload, generator=self.name, refuse_nsfw=config.refuse_nsfw)
-                if polled.status == "COMPLETE":
-                    return polled
-                if polled.status == "FAILED":
-                    raise GenerationFailed(
-                        f"{self.name}: Leonardo reports the generation FAILED", error_type="FAILED", generator=self.name
-                    )
-                if polls == 0:  # once: every poll says the same, and the service shows elapsed time
-                    job.progress(None, "pending at Leonardo")
-                polls += 1
+            async with aclosing(answers):
+                async for payload in answers:
+                    polled = parse_generation(payload, generator=self.name, refuse_nsfw=config.refuse_nsfw)
+                    if polled.status == "COMPLETE":
+                        return polled
+                    if polled.status == "FAILED":
+                        raise GenerationFailed(
+                            f"{self.name}: Leonardo reports the generation FAILED",
+                            error_type="FAILED",
+                            generator=self.name,
+                        )
+                    if polls == 0:  # once: every poll says the same, and the service shows elapsed time
+                        job.progress(None, "pending at Leonardo")
+                    polls += 1
+            raise AssertionError("poll_answers ends only by raising")  # for the type checker
         except asyncio.CancelledError:
             if config.delete_cancelled:
                 self._cleanup(client, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 from typing import Any, ClassVar
 
 import httpx
@@ -27,12 +28,12 @@ from image_server.generators.base import (
 )
 from image_server.generators.http import (
     HTTPGenerator,
-    backoff_delays,
     decode_base64_image,
     decode_data_uri,
     download_all,
     json_or_none,
     parse_retry_after,
+    poll_answers,
     read_api_key,
     translate_transport_errors,
 )
@@ -191,27 +192,25 @@ class RunwareGenerator(HTTPGenerator):
                 raise GenerationFailed(f"{self.name}: Runware answered without a result", generator=self.name)
             return items
         config = self.config
-        delays = backoff_delays(config.poll_interval_s, config.poll_backoff, config.poll_max_interval_s)
         poll = [{"taskType": "getResponse", "taskUUID": task_uuid}]
-        failures = 0
-        while True:
-            await asyncio.sleep(next(delays))
-            try:
-                items = await self._post(client, poll, task_uuid)
-            except GenerationFailed as exc:  # the task runs on (and is billed): wait a passing failure out
-                failures += 1
-                if not exc.retryable or failures > config.poll_failures_tolerated:
-                    raise
-                await asyncio.sleep(min(exc.retry_after or 0.0, config.poll_max_interval_s))
-                continue
-            failures = 0
-            failed = [item for item in items if item.get("status") == "error"]
-            if failed:
-                raise runware_error(200, failed, "the task failed", generator=self.name, key=self._key)
-            done = [item for item in items if item.get("status") == "success"]
-            if len(done) >= task["numberResults"]:
-                return done
-            job.progress(len(done) / task["numberResults"] if done else None, "processing")
+        answers = poll_answers(
+            lambda: self._post(client, poll, task_uuid),
+            first=config.poll_interval_s,
+            factor=config.poll_backoff,
+            cap=config.poll_max_interval_s,
+            tolerated=config.poll_failures_tolerated,  # the task runs on (and is billed): wait a passing failure out
+            what=f"{self.name}: task {task_uuid}",
+        )
+        async with aclosing(answers):
+            async for items in answers:
+                failed = [item for item in items if item.get("status") == "error"]
+                if failed:
+                    raise runware_error(200, failed, "the task failed", generator=self.name, key=self._key)
+                done = [item for item in items if item.get("status") == "success"]
+                if len(done) >= task["numberResults"]:
+                    return done
+                job.progress(len(done) / task["numberResults"] if done else None, "processing")
+        raise AssertionError("poll_answers ends only by raising")  # for the type checker
 
     async def _images(
         self, client: httpx.AsyncClient, results: list[Result], *, pass_urls: bool
