@@ -390,3 +390,14 @@ async def test_an_unknown_style_is_invalid_request(fake, workflows):
     async with make(fake, workflows, styles={"noir": {"prompt_prefix": "noir "}}) as generator:
         with pytest.raises(InvalidRequest, match="unknown style 'pastel'; configured styles: noir"):
             await generator.generate(job(style="pastel"))
+
+
+async def test_a_silent_websocket_is_given_up_for_history_polling():
+    # A socket that stays open but says nothing about our prompt (a proxy that stopped passing
+    # frames, a lost final event) must not hold the render until its timeout.
+    from image_server.generators.comfyui.follow import WebsocketLost, follow_events
+
+    silent: asyncio.Queue[Any] = asyncio.Queue()
+    async with asyncio.timeout(5):
+        with pytest.raises(WebsocketLost):
+            await follow_events(silent, "p1", progress=lambda *_: None, generator="comfy", quiet_s=0.05)

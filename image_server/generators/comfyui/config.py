@@ -17,5 +17,8 @@ class ComfyUIConfig(WorkflowGeneratorConfig):
     # Follow the render on /ws (progress, the fastest end); False: poll /history only.
     websocket: bool = True
     poll_interval_s: float = Field(default=0.25, gt=0, le=60)  # /history polling when there is no websocket
+    # A websocket silent this long about our prompt (a proxy that stopped passing frames, a
+    # lost final event) is given up for /history polling, which cannot miss the end.
+    events_quiet_s: float = Field(default=30.0, gt=0, le=3600)
     # References go to ComfyUI's input/<upload_subfolder>/<request id>-<nonce>/.
     upload_subfolder: str = Field(default="image_server", pattern=r"^[A-Za-z0-9._-]{1,64}$")

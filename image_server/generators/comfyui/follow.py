@@ -43,15 +43,23 @@ async def follow_events(
     progress: ProgressCallback,
     generator: str,
     on_output: Callable[[str, dict[str, Any]], None] = lambda node, output: None,
+    quiet_s: float = 30.0,
 ) -> dict[str, Any]:
     """Outputs seen in ``executed`` events (node -> output) once ``prompt_id`` ends.
 
     ``events`` holds this prompt's events only (see ``EventHub``). Raises
     ``GenerationFailed`` for an execution error or interrupt, ``WebsocketLost`` when the
-    socket goes first.
+    socket goes first or says nothing about the prompt for ``quiet_s`` seconds.
     """
     outputs: dict[str, Any] = {}
-    while (event := await events.get()) is not None:
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), quiet_s)
+        except TimeoutError:
+            logger.info("%s: no event about %s for %g s; polling /history", generator, prompt_id, quiet_s)
+            raise WebsocketLost from None
+        if event is None:
+            break
         kind, data = event.get("type"), as_dict(event.get("data"))
         if data.get("prompt_id") != prompt_id:
             continue

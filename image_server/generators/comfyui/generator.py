@@ -128,7 +128,12 @@ class ComfyUIGenerator(HTTPGenerator):
             if events is not None:
                 try:
                     found = await follow_events(
-                        events, prompt_id, progress=job.progress, on_output=on_output, generator=self.name
+                        events,
+                        prompt_id,
+                        progress=job.progress,
+                        on_output=on_output,
+                        generator=self.name,
+                        quiet_s=self.config.events_quiet_s,
                     )
                     files = files_of(found, outputs)
                 except WebsocketLost:
