@@ -56,7 +56,7 @@ class ReadyGenerator(Generator):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(min_size=64, max_size=64)
+        return Capabilities(min_size=64, max_size=64, in_process=True)
 
     async def open(self) -> None:
         if not ReadyGenerator.PNG:

@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from image_server.errors import ImageServerError
 from image_server.identity import Ticket
+from image_server.journal import Recorded
 from image_server.pipeline import RenderPlan
 from image_server.progress import ProgressThrottle
-from schemas import RenderRequest
+from schemas import RenderError, RenderProgress, RenderRequest
+
+
+class NotAdmitted(Exception):
+    """Raised inside a render that started while its request was being journaled, when the
+    journal did not take it (a refusal, or a repeat of a finished request)."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How journaling a request went: accepted (neither field), refused, or a repeat."""
+
+    refusal: RenderError | None = None  # not journaled: this is its terminal event
+    repeat: Recorded | None = None  # the id had finished before: its stored event answers
+
+    @property
+    def admitted(self) -> bool:
+        return self.refusal is None and self.repeat is None
 
 
 @dataclass
@@ -27,6 +45,8 @@ class Active:
     raw: bytes | bytearray | None = None  # the request's JSON as received, journaled as is
     frames: Sequence[bytes | bytearray] = ()  # images sent as extra frames (ImageSource.frame)
     resumed: bool = False  # taken up again from the journal after a restart
+    admission: asyncio.Task[Admission] | None = None  # journaling it, alongside the render
+    held_progress: list[RenderProgress] = field(default_factory=list)  # until RenderAccepted is out
 
     @property
     def generator(self) -> str:

@@ -143,6 +143,7 @@ class RenderClient:
         curve_keys: KeyPair | None = None,
         curve_server_key: bytes | None = None,
         monitor: bool = False,
+        progress: bool | None = None,
     ) -> None:
         self.requests_endpoint = requests_endpoint
         self.events_endpoint = events_endpoint
@@ -157,9 +158,14 @@ class RenderClient:
         # service_id -> (seen at, interval, uptime, seq) of its latest Heartbeat
         self._heartbeats: dict[str, tuple[float, float, float, int]] = {}
         self.max_message_bytes = max_message_bytes
-        self.on_event = on_event
+        self._on_event = on_event
         # A monitor subscribes to every event, so gaps in ``seq`` mean lost events.
         self.monitor = monitor
+        # Progress events cost the service and this client a message each; without a
+        # subscription the service does not even build them. By default they are wanted
+        # once on_event is set, the only place they go.
+        self.progress = progress
+        self._progress_subscribed = False
         self.sequence = SeqTracker()
         if (curve_keys is None) != (curve_server_key is None):
             raise ValueError("CURVE needs both the client's key pair and the server's public key")
@@ -183,7 +189,10 @@ class RenderClient:
         else:
             self._events.setsockopt(zmq.SUBSCRIBE, b"Heartbeat")
             for message_type in _REPLY_TYPES:
+                if message_type == "RenderProgress":
+                    continue  # see _follow_progress
                 self._events.setsockopt(zmq.SUBSCRIBE, f"{message_type}/{self.client_id}".encode())
+        self._follow_progress()
         self._events.connect(self.events_endpoint)
         self._sender = self.context.socket(zmq.PUB if self.requests_kind == "pub" else zmq.PUSH)
         self._sender.setsockopt(zmq.LINGER, 0)
@@ -194,6 +203,22 @@ class RenderClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    @property
+    def on_event(self) -> Callable[[Any], None] | None:
+        """Called with every event about this client's requests (progress included)."""
+        return self._on_event
+
+    @on_event.setter
+    def on_event(self, callback: Callable[[Any], None] | None) -> None:
+        self._on_event = callback
+        self._follow_progress()
+
+    def _follow_progress(self) -> None:
+        wanted = self.progress if self.progress is not None else self._on_event is not None
+        if wanted and not self._progress_subscribed and self._events is not None and not self.monitor:
+            self._events.setsockopt(zmq.SUBSCRIBE, f"RenderProgress/{self.client_id}".encode())
+            self._progress_subscribed = True
 
     def _secure(self, socket: zmq.asyncio.Socket) -> None:
         if self._curve is not None:
@@ -211,6 +236,7 @@ class RenderClient:
             if socket is not None:
                 socket.close(linger=0)
         self._sender = self._events = None
+        self._progress_subscribed = False
         if self._own_context:
             self.context.term()
 

@@ -24,7 +24,15 @@ from image_server.config import ReferencesConfig
 from image_server.errors import ImageServerError
 from image_server.generators.base import check_request
 from image_server.manager import GeneratorManager
-from image_server.pipeline import ProgressSink, RenderOutcome, RenderPipeline, RenderPlan, _ignore_progress
+from image_server.pipeline import (
+    Gate,
+    ProgressSink,
+    RenderOutcome,
+    RenderPipeline,
+    RenderPlan,
+    _ignore_progress,
+    _open_gate,
+)
 from image_server.prompting.policy import PromptPlan, PromptPolicy
 from image_server.spend.guard import SpendGuard
 from image_server.spend.hedging import HedgeConfig, LatencyTracker, race
@@ -109,6 +117,7 @@ class FrugalPipeline(RenderPipeline):
         received_at: float | None = None,
         progress: ProgressSink = _ignore_progress,
         frames: Sequence[bytes | bytearray] = (),
+        gate: Gate = _open_gate,
     ) -> RenderOutcome:
         received = time.perf_counter() if received_at is None else received_at
 
@@ -119,7 +128,7 @@ class FrugalPipeline(RenderPipeline):
 
             async def on(chosen: RenderPlan, asked: RenderRequest) -> RenderOutcome:
                 return await RenderPipeline.run(
-                    self, asked, chosen, received_at=received, progress=progress, frames=frames
+                    self, asked, chosen, received_at=received, progress=progress, frames=frames, gate=gate
                 )
 
             outcome = await self._maybe_hedged(sent, admission, on)
@@ -131,6 +140,9 @@ class FrugalPipeline(RenderPipeline):
         reservation = self.spend.reserve(request, admission.generator)
         try:
             key = await self._key(request, admission, frames) if self._wants_cache(request, admission) else None
+            if key is not None or plan is not None:
+                # The cache writes files and answers others; a prompt policy may call a paid model.
+                await gate()
             if key is None:
                 event, blobs = await render()
             else:

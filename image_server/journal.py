@@ -32,6 +32,7 @@ from image_server.journal_db import (
     recent_entries,
     used_bytes,
 )
+from image_server.known_ids import IdFilter, KnownIds
 
 __all__ = [
     "BLOB_CHUNK_BYTES",
@@ -73,6 +74,9 @@ class Journal:
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.checkpointer = WalCheckpointer(self.path)
+        self.known = KnownIds()
+        self._rows_at_open = 0
+        self._rebuilding: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Journal:
         ready: Future[None] = Future()
@@ -80,6 +84,7 @@ class Journal:
         self._thread.start()
         await asyncio.wrap_future(ready)
         self.checkpointer.start()
+        self._rebuild_known_soon()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -88,6 +93,9 @@ class Journal:
     async def aclose(self) -> None:
         if self._thread is None:
             return
+        if self._rebuilding is not None:
+            self._rebuilding.cancel()
+            await asyncio.gather(self._rebuilding, return_exceptions=True)
         self._ops.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -97,6 +105,7 @@ class Journal:
         try:
             conn = connect(self.path)
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
+            self._rows_at_open = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
         except BaseException as exc:
             ready.set_exception(exc)
             return
@@ -182,6 +191,7 @@ class Journal:
         what the journal already knows about it. Raises ``QuotaExceeded`` instead of growing
         past ``max_bytes``."""
         size = len(request_json) + sum(len(frame) for frame in frames)
+        self._note_id(request_id)
 
         def op(conn: sqlite3.Connection) -> Recorded:
             row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
@@ -225,6 +235,7 @@ class Journal:
         at once after ``ImageReady`` (the event echoes ``metadata``), after
         ``failed_body_retention_s`` otherwise.
         """
+        self._note_id(request_id)
 
         def op(conn: sqlite3.Connection) -> Recorded:
             now = time.time()
@@ -254,6 +265,42 @@ class Journal:
             return Recorded(Recording.NEW, entry, list(blobs))
 
         return await self._call(op)
+
+    # -- the ids it holds, known on the loop (known_ids.py) ---------------------------
+
+    def surely_new(self, request_id: str) -> bool:
+        """True when the journal certainly has no row for ``request_id`` (no SQLite read)."""
+        return not self.known.may_know(request_id)
+
+    def _note_id(self, request_id: str) -> None:
+        """Before its row is queued: an id the journal may hold from now on."""
+        self.known.add(request_id)
+        if self.known.needs_rebuild and self._rebuilding is None:
+            self._rebuild_known_soon()
+
+    def _rebuild_known_soon(self) -> None:
+        self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild_known(), name="journal-known-ids")
+
+    async def _rebuild_known(self) -> None:
+        target = self.known.start_rebuild(self._rows_at_open)
+        try:
+            # Resolves after the commit of every op queued before start_rebuild: the read
+            # below then sees each id that went into the old filter only.
+            await self._call(lambda conn: None)
+            await asyncio.to_thread(self._fill_known, target)
+        except BaseException:
+            self.known.abandon(target)
+            raise
+        finally:
+            self._rebuilding = None
+
+    def _fill_known(self, target: IdFilter) -> None:
+        """Worker thread, own read-only connection (WAL: the writer goes on meanwhile)."""
+        conn = connect(self.path, readonly=True)
+        try:
+            self.known.fill(target, (row[0] for row in conn.execute("SELECT request_id FROM requests")))
+        finally:
+            conn.close()
 
     async def lookup(self, request_id: str) -> Recorded | None:
         """What the journal knows about ``request_id`` (``None``: nothing)."""

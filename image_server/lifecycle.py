@@ -13,9 +13,9 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from image_server.active import Active
+from image_server.active import Active, Admission, NotAdmitted
 from image_server.batches import BatchRunner
 from image_server.config import LimitsConfig, ReferencesConfig
 from image_server.endings import Endings
@@ -60,8 +60,11 @@ class RequestTracker:
     def queued(self) -> int:
         return len(self.active) - self.scheduler.in_flight
 
-    def tasks(self) -> list[asyncio.Task[None]]:
-        return [a.task for a in self.active.values() if a.task is not None] + list(self._refusing)
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        tasks: list[asyncio.Task[Any]] = list(self._refusing)
+        for active in self.active.values():
+            tasks += [task for task in (active.task, active.admission) if task is not None]
+        return tasks
 
     # -- arrival ----------------------------------------------------------------------
 
@@ -114,8 +117,13 @@ class RequestTracker:
         task.add_done_callback(self._refusing.discard)
 
     async def _admit_and_run(self, active: Active) -> None:
-        """Check what is cheap, journal the request, publish RenderAccepted, then render (or
-        answer a repeat)."""
+        """Check what is cheap, then journal the request while it starts rendering.
+
+        A request whose id the journal surely does not hold yet (``known_ids``) does not
+        wait for the journal's commit, except before anything leaves the process: a
+        generator that is not in-process (a provider job, a paid call), a file written, an
+        event published. Any other (a repeat, a batch) waits for the journal first.
+        """
         if await self._ended_before_start(active):
             return
         request = active.request
@@ -124,11 +132,6 @@ class RequestTracker:
             # not cost the disk its megabytes (only a small refusal row is kept).
             if has_embedded_references(request):
                 await asyncio.to_thread(precheck_embedded_references, request, active.frames, self.references)
-            # Re-serializing a request with megabytes of inline images would hold the loop
-            # for tens of ms; the bytes as received say the same.
-            body = active.raw if active.raw is not None else request.model_dump_json().encode()
-            active.raw = None
-            recorded = await self.outbox.record(active.ticket, active.generator, body, active.frames)
         except asyncio.CancelledError:
             if active.end_reason is None:
                 raise
@@ -137,10 +140,35 @@ class RequestTracker:
         except ImageServerError as exc:
             await self._finish(active, error_event(exc, request, generator=active.generator))
             return
+        # Re-serializing a request with megabytes of inline images would hold the loop
+        # for tens of ms; the bytes as received say the same.
+        body = active.raw if active.raw is not None else request.model_dump_json().encode()
+        active.raw = None
+        # Asked before the journal hears of the id: afterwards it "may know" it.
+        journal = self.outbox.journal
+        overlap = not request.prompts and (journal is None or journal.surely_new(request.request_id))
+        active.admission = asyncio.create_task(
+            self._journal_and_accept(active, body), name=f"admit:{request.request_id}"
+        )
+        if not overlap:
+            # A batch submits its members as requests of their own, and a repeat of a
+            # finished request is answered from the journal: both wait for it.
+            admission = await asyncio.shield(active.admission)
+            if not admission.admitted:
+                await asyncio.shield(self._conclude(active, None))
+                return
+        await self._run(active)
+
+    async def _journal_and_accept(self, active: Active, body: bytes | bytearray) -> Admission:
+        """Journal the request, then publish RenderAccepted; what happened, for the render."""
+        request = active.request
+        try:
+            recorded = await self.outbox.record(active.ticket, active.generator, body, active.frames)
+        except ImageServerError as exc:
+            return Admission(refusal=error_event(exc, request, generator=active.generator))
         except QuotaExceeded as exc:
             logger.warning("! %s refused: %s", request.request_id, exc)
-            await self._finish(active, error_event(Overloaded(f"not accepted: {exc}"), request))
-            return
+            return Admission(refusal=error_event(Overloaded(f"not accepted: {exc}"), request))
         except Exception:
             # Not journaled means not accepted: say so rather than strand the request.
             logger.exception("! %s: the journal could not record it", request.request_id)
@@ -151,15 +179,17 @@ class RequestTracker:
                 retryable=True,
                 metadata=request.metadata,
             )
-            await self._finish(active, failure)
-            return
+            return Admission(refusal=failure)
         if recorded is not None and recorded.state is Recording.FINISHED:
-            self._untrack(active)
-            self.outbox.release(active.ticket)
-            await self.outbox.replay(active.ticket, recorded)
-            return
-        await self._accept(active)
-        await self._run(active)
+            return Admission(repeat=recorded)
+        if active.end_reason is None:
+            await self._accept(active)
+        return Admission()
+
+    async def _gate(self, active: Active) -> None:
+        """Wait until ``active`` is journaled; ``NotAdmitted`` if it was not."""
+        if active.admission is not None and not (await asyncio.shield(active.admission)).admitted:
+            raise NotAdmitted(active.request.request_id)
 
     async def _accept(self, active: Active) -> None:
         request = active.request
@@ -178,6 +208,10 @@ class RequestTracker:
             self.endings.supersede_channel(active)
         active.accepted = True
         await self.outbox.accepted(active.ticket, active.generator, self._position(active), active.estimated_cost)
+        # What the render reported before it was accepted (nothing is sent before that).
+        held, active.held_progress = active.held_progress, []
+        for event in held:
+            self._send_progress(active, event)
 
     def _position(self, active: Active) -> int:
         return self.scheduler.position(active.request.request_id) or 0
@@ -222,13 +256,14 @@ class RequestTracker:
     async def _run(self, active: Active) -> None:
         request = active.request
         blobs: list[bytes] = []
+        event: Terminal | None
         try:
             # The request joins the scheduler's queue when pipeline.run asks for a slot, that
             # is when this task first yields: report its place then, if it really waits.
             asyncio.get_running_loop().call_soon(self._report_queued, active)
             if request.prompts:
                 done = await self.batches.run(request, lambda member: self._submit_member(active, member))
-                await asyncio.shield(self._finish(active, done))
+                await asyncio.shield(self._conclude(active, done))
                 return
             outcome = await self.pipeline.run(
                 request,
@@ -238,9 +273,12 @@ class RequestTracker:
                 progress=lambda stage, fraction, message, position: self._progress(
                     active, stage, fraction, message, position
                 ),
+                gate=lambda: self._gate(active),
             )
-            event: Terminal = outcome.event
+            event = outcome.event
             blobs = outcome.blobs
+        except NotAdmitted:
+            event = None  # the admission's outcome is the answer
         except asyncio.CancelledError:
             if active.end_reason is None:
                 raise  # shutdown: no terminal event is invented; the request stays unfinished
@@ -250,7 +288,24 @@ class RequestTracker:
         except Exception as exc:
             logger.exception("! %s failed unexpectedly", request.request_id)
             event = error_event(exc, request, generator=active.generator)
-        await asyncio.shield(self._finish(active, event, blobs))
+        await asyncio.shield(self._conclude(active, event, blobs))
+
+    async def _conclude(self, active: Active, event: Terminal | None, blobs: Sequence[bytes] = ()) -> None:
+        """End ``active`` once its admission is settled: with ``event`` if it was journaled,
+        else with the refusal, or (a repeat of a finished request) with the stored event."""
+        admission = Admission() if active.admission is None else await active.admission
+        if admission.repeat is not None:
+            self._untrack(active)
+            self.endings.forget(active)
+            if active.throttle is not None:
+                active.throttle.cancel()
+            self.outbox.release(active.ticket)
+            await self.outbox.replay(active.ticket, admission.repeat)
+            return
+        if admission.refusal is not None:
+            event, blobs = admission.refusal, ()
+        assert event is not None, "a render ends with an event unless its admission failed"
+        await self._finish(active, event, blobs)
 
     def _report_queued(self, active: Active) -> None:
         position = self.scheduler.position(active.request.request_id)
@@ -274,6 +329,13 @@ class RequestTracker:
         )
 
     def _send_progress(self, active: Active, event: RenderProgress) -> None:
+        if not active.accepted:
+            held = active.held_progress
+            if held and held[-1].stage == event.stage == "generating":
+                held[-1] = event  # provider updates: the latest one says it all
+            else:
+                held.append(event)
+            return
         self.outbox.publisher.publish_nowait(event, reply_to=active.ticket.reply_to)
 
     async def _finish(self, active: Active, event: Terminal, blobs: Sequence[bytes] = ()) -> None:

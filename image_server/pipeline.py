@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 
 # (stage, progress fraction or None, message or None, queue position or None)
 ProgressSink = Callable[[str, float | None, str | None, int | None], None]
+
+
+# Awaited before a render does anything outside the process (see Gate use below).
+Gate = Callable[[], Awaitable[None]]
+
+
+async def _open_gate() -> None:
+    pass
 
 
 def _ignore_progress(stage: str, fraction: float | None, message: str | None, position: int | None) -> None:
@@ -120,12 +128,18 @@ class RenderPipeline:
         received_at: float | None = None,
         progress: ProgressSink = _ignore_progress,
         frames: Sequence[bytes | bytearray] = (),
+        gate: Gate = _open_gate,
     ) -> RenderOutcome:
-        """Render ``request``; ``frames`` are the message's extra frames (images sent raw)."""
+        """Render ``request``; ``frames`` are the message's extra frames (images sent raw).
+
+        ``gate`` is awaited before anything leaves the process: a generator that does not
+        render in-process, and files written. The service passes one that waits for the
+        request's journal row, so rendering may start while that row is written.
+        """
         timer = _Timer(time.perf_counter() if received_at is None else received_at)
         try:
             async with asyncio.timeout(request.timeout_s):
-                return await self._run(request, plan, timer, progress, frames)
+                return await self._run(request, plan, timer, progress, frames, gate)
         except TimeoutError as exc:
             if isinstance(exc, ImageServerError):
                 raise
@@ -142,6 +156,7 @@ class RenderPipeline:
         timer: _Timer,
         progress: ProgressSink,
         frames: Sequence[bytes | bytearray],
+        gate: Gate,
     ) -> RenderOutcome:
         references: tuple[list[ReferenceImage], ReferenceImage | None] | None = None
 
@@ -165,6 +180,8 @@ class RenderPipeline:
                         request, self.references, client=self.http_client, frames=frames
                     )
                     timer.normalize_s = time.perf_counter() - normalize_start
+                if not self.manager.capabilities(name).in_process:
+                    await gate()  # a provider's job or bill: only for a journaled request
                 job = RenderJob(request, references[0], references[1], attempt=number, progress=on_generator_progress)
                 overrides = request.generator_config if name == plan.chain[0] else {}
                 generate_start = time.perf_counter()
@@ -174,6 +191,8 @@ class RenderPipeline:
         outcome = await run_chain(plan.chain, attempt, config_for=plan.configs.__getitem__, cooldowns=self.cooldowns)
         result, generate_s = outcome.value
         name = outcome.generator
+        if request.delivery not in ("frames", "inline"):
+            await gate()  # files are written: a repeat of a finished request must not overwrite its files
         progress("storing", None, None, None)
         store_start = time.perf_counter()
         stored = await asyncio.to_thread(

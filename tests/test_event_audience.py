@@ -81,3 +81,29 @@ async def test_a_monitor_subscribed_to_everything_gets_progress_and_seq_without_
     # From its first event on, the monitor saw every seq the service stamped, one by one.
     seqs = [e.seq for e in monitor.received]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+async def test_render_client_subscribes_to_progress_only_when_it_hands_it_on(service_factory, client_for):
+    """A plain RenderClient costs the service no progress events; one with on_event (given
+    up front or set later) gets them, in order, before its result."""
+    async with service_factory() as service:
+        built: list[str] = []
+        observer = service.publisher.observer
+
+        def watch(event: Any) -> None:
+            built.append(type(event).__name__)
+            if observer is not None:
+                observer(event)
+
+        service.publisher.observer = watch  # sees every event built and sent
+        async with client_for(service) as plain:
+            await plain.render(RenderRequest(request_id="plain-1", prompt="p", width=64, height=64))
+        # RenderAccepted and ImageReady only: no progress event was even built.
+        assert [name for name in built if name != "Heartbeat"] == ["RenderAccepted", "ImageReady"]
+        seen: list[Any] = []
+        async with client_for(service) as late:
+            late.on_event = seen.append
+            await late.render(RenderRequest(request_id="late-1", prompt="p", width=64, height=64))
+        kinds = [type(event) for event in seen]
+        assert kinds[0] is RenderAccepted and kinds[-1] is ImageReady
+        assert RenderProgress in kinds

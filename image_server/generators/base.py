@@ -81,6 +81,9 @@ class Capabilities(BaseModel):
     max_images: int = 1
     max_prompt_chars: int | None = None
     parameters: frozenset[str] = frozenset({"seed"})
+    # Renders in this process and spends nothing elsewhere (no provider job, no bill): a
+    # request may start on it while the journal is still writing the request down.
+    in_process: bool = False
 
 
 @dataclass(frozen=True)

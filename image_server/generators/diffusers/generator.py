@@ -58,6 +58,7 @@ class DiffusersGenerator(Generator):
     def capabilities(self) -> Capabilities:
         return Capabilities(
             text_to_image=True,
+            in_process=True,
             image_to_image=True,
             max_reference_images=1,
             depth_map=self.config.controlnet is not None,

@@ -62,6 +62,7 @@ class MockGenerator(Generator):
     def capabilities(self) -> Capabilities:
         return Capabilities(
             text_to_image=True,
+            in_process=True,
             image_to_image=True,
             max_reference_images=10,
             max_images=8,
