@@ -170,11 +170,16 @@ class Journal:
                 future.set_result(value)
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None:
-            raise RuntimeError("the journal is not open")
+        return await self._submit(fn)
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue ``fn`` for the writer thread now; its result as a future of the loop."""
         future: Future[T] = Future()
-        self._ops.put((fn, future))
-        return await asyncio.wrap_future(future)
+        if self._thread is None:
+            future.set_exception(RuntimeError("the journal is not open"))
+        else:
+            self._ops.put((fn, future))
+        return asyncio.wrap_future(future)
 
     # -- operations -------------------------------------------------------------------
 
@@ -190,6 +195,19 @@ class Journal:
         """Record a new request (with the image frames it sent, needed to resume it), or say
         what the journal already knows about it. Raises ``QuotaExceeded`` instead of growing
         past ``max_bytes``."""
+        return await self.admit_soon(request_id, generator, request_json, frames, owner=owner)
+
+    def admit_soon(
+        self,
+        request_id: str,
+        generator: str,
+        request_json: str | bytes | bytearray,
+        frames: Sequence[bytes | bytearray] = (),
+        *,
+        owner: str | None = None,
+    ) -> asyncio.Future[Recorded]:
+        """``admit``, queued before this returns: the writer thread starts on it while the
+        caller goes on (the service renders meanwhile)."""
         size = len(request_json) + sum(len(frame) for frame in frames)
         self._note_id(request_id)
 
@@ -207,7 +225,7 @@ class Journal:
                 return Recorded(Recording.NEW, entry, [])
             return known_entry(conn, row)
 
-        return await self._call(op)
+        return self._submit(op)
 
     def _check_quota(self, conn: sqlite3.Connection, needed: int) -> None:
         self.used_bytes = used_bytes(conn)

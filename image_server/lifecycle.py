@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from image_server.active import Active, Admission, NotAdmitted
@@ -21,7 +21,7 @@ from image_server.config import LimitsConfig, ReferencesConfig
 from image_server.endings import Endings
 from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Overloaded, Superseded
 from image_server.identity import Ticket, owner_key
-from image_server.journal import QuotaExceeded, Recording
+from image_server.journal import QuotaExceeded, Recorded, Recording
 from image_server.outbox import Outbox, Terminal
 from image_server.outcomes import error_event
 from image_server.pipeline import RenderPipeline, RenderPlan
@@ -147,8 +147,15 @@ class RequestTracker:
         # Asked before the journal hears of the id: afterwards it "may know" it.
         journal = self.outbox.journal
         overlap = not request.prompts and (journal is None or journal.surely_new(request.request_id))
+        # Queued for the journal's writer thread now, not when the admission task first runs
+        # (after the render's first step): both go on at once.
+        try:
+            recording = self.outbox.record(active.ticket, active.generator, body, active.frames)
+        except Exception:
+            logger.exception("! %s: the journal could not take it", request.request_id)
+            recording = _failed(RuntimeError("journal unavailable"))
         active.admission = asyncio.create_task(
-            self._journal_and_accept(active, body), name=f"admit:{request.request_id}"
+            self._journal_and_accept(active, recording), name=f"admit:{request.request_id}"
         )
         if not overlap:
             # A batch submits its members as requests of their own, and a repeat of a
@@ -159,11 +166,11 @@ class RequestTracker:
                 return
         await self._run(active)
 
-    async def _journal_and_accept(self, active: Active, body: bytes | bytearray) -> Admission:
-        """Journal the request, then publish RenderAccepted; what happened, for the render."""
+    async def _journal_and_accept(self, active: Active, recording: Awaitable[Recorded | None]) -> Admission:
+        """Wait for the journal, then publish RenderAccepted; what happened, for the render."""
         request = active.request
         try:
-            recorded = await self.outbox.record(active.ticket, active.generator, body, active.frames)
+            recorded = await recording
         except ImageServerError as exc:
             return Admission(refusal=error_event(exc, request, generator=active.generator))
         except QuotaExceeded as exc:
@@ -439,3 +446,7 @@ def _in_batch(event: _Member, request: RenderRequest) -> _Member:
     if request.batch_id is None:
         return event
     return event.model_copy(update={"batch_id": request.batch_id, "batch_index": request.batch_index})
+
+
+async def _failed(error: Exception) -> Recorded | None:
+    raise error

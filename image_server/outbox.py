@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from image_server.audience import Audience
 from image_server.identity import Ticket
@@ -61,13 +61,14 @@ class Outbox:
         if self._held.get(ticket.request_id) is ticket:
             del self._held[ticket.request_id]
 
-    async def record(
+    def record(
         self, ticket: Ticket, generator: str, body: bytes | bytearray, frames: Sequence[bytes | bytearray]
-    ) -> Recorded | None:
-        """Journal the held request before anything is said about it (``None``: no journal)."""
+    ) -> Awaitable[Recorded | None]:
+        """Journal the held request before anything is said about it (``None``: no journal).
+        The journal has the write queued when this returns; await the answer."""
         if self.journal is None:
-            return None
-        return await self.journal.admit(ticket.request_id, generator, body, frames, owner=ticket.owner)
+            return _nothing()
+        return self.journal.admit_soon(ticket.request_id, generator, body, frames, owner=ticket.owner)
 
     # -- events -----------------------------------------------------------------------
 
@@ -196,3 +197,7 @@ class Outbox:
 
     def __repr__(self) -> str:
         return f"<Outbox held={len(self._held)} journal={'on' if self.journal is not None else 'off'}>"
+
+
+async def _nothing() -> None:
+    return None

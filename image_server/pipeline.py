@@ -7,6 +7,7 @@ service. Errors are raised as ``image_server.errors`` classes; the caller publis
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -195,7 +196,7 @@ class RenderPipeline:
             await gate()  # files are written: a repeat of a finished request must not overwrite its files
         progress("storing", None, None, None)
         store_start = time.perf_counter()
-        stored = await asyncio.to_thread(
+        store = functools.partial(
             self.store.store,
             request,
             name,
@@ -203,6 +204,7 @@ class RenderPipeline:
             project=request.project or self.default_project,
             parameters=_parameters(request, name, result),
         )
+        stored = store() if self.store.is_quick(request, result.images) else await asyncio.to_thread(store)
         done = time.perf_counter()
         started = timer.started or timer.received
         timings = Timings(

@@ -31,6 +31,9 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 JPEG_QUALITY = 92
 WEBP_QUALITY = 90
+# Below this, storing images that arrive encoded and leave as frames or inline data (hash,
+# size from the header, PNG text chunks) takes tens of microseconds: less than a thread hop.
+QUICK_STORE_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,17 @@ class OutputStore:
             place = Placement(request.request_id, project, generator, index, frame)
             stored.append(self._deliver(place, delivery or request.delivery, folder, encoded.data, common))
         return stored
+
+    def is_quick(self, request: RenderRequest, images: Sequence[GeneratedImage]) -> bool:
+        """Whether ``store`` is cheap enough to run on the event loop: no file to write, no
+        pixels to encode, and small images already in the requested format."""
+        return request.delivery in ("frames", "inline") and all(
+            image.image is None
+            and image.data is not None
+            and len(image.data) <= QUICK_STORE_BYTES
+            and (image_format_of(image.data) or image.format) == request.output_format
+            for image in images
+        )
 
     def deliver(
         self,

@@ -364,3 +364,19 @@ def test_request_ids_become_file_names_that_cannot_surprise(tmp_path, request_id
     if request_id in ("plain-id_9", "scene.3"):
         assert stem == request_id
     assert file_stem("a_b") != file_stem("a:b") != file_stem("a;b")
+
+
+def test_only_small_ready_made_images_without_a_file_are_stored_on_the_loop(tmp_path):
+    """``is_quick`` decides what the pipeline stores without a thread hop: nothing to encode,
+    nothing written to disk, and little to hash."""
+    store = OutputStore(tmp_path)
+    png = encode(picture(), "PNG")
+    ready = [GeneratedImage(data=png, format="png", width=48, height=32)]
+    assert store.is_quick(request(delivery="frames"), ready)
+    assert store.is_quick(request(delivery="inline"), ready)
+    assert not store.is_quick(request(delivery="file"), ready)  # a file: fsync on a thread
+    assert not store.is_quick(request(delivery="frames", output_format="jpeg"), ready)  # to encode
+    assert not store.is_quick(request(delivery="frames"), [GeneratedImage(image=picture())])  # pixels
+    big = os.urandom(storage.QUICK_STORE_BYTES + 1)
+    assert not store.is_quick(request(delivery="frames"), [GeneratedImage(data=png + big, format="png")])
+    assert list(tmp_path.iterdir()) == []
