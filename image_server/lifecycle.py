@@ -26,9 +26,9 @@ from image_server.outbox import Outbox, Terminal
 from image_server.outcomes import error_event
 from image_server.pipeline import RenderPipeline, RenderPlan
 from image_server.precheck import has_embedded_references, precheck_embedded_references
-from image_server.progress import ProgressThrottle
+from image_server.progress import ProgressRelay
 from image_server.shares import ClientShares
-from schemas import BatchDone, ImageReady, RenderError, RenderProgress, RenderRequest
+from schemas import BatchDone, ImageReady, RenderError, RenderRequest
 
 logger = logging.getLogger(__name__)
 _Member = TypeVar("_Member", ImageReady, RenderError)
@@ -54,6 +54,7 @@ class RequestTracker:
         self.shares = ClientShares(limits)
         self._refusing: set[asyncio.Task[None]] = set()
         self.batches = BatchRunner()
+        self.progress = ProgressRelay(outbox.publisher)
         outbox.observers.append(self.batches.observe)
 
     @property
@@ -215,10 +216,7 @@ class RequestTracker:
             self.endings.supersede_channel(active)
         active.accepted = True
         await self.outbox.accepted(active.ticket, active.generator, self._position(active), active.estimated_cost)
-        # What the render reported before it was accepted (nothing is sent before that).
-        held, active.held_progress = active.held_progress, []
-        for event in held:
-            self._send_progress(active, event)
+        self.progress.accepted(active)
 
     def _position(self, active: Active) -> int:
         return self.scheduler.position(active.request.request_id) or 0
@@ -277,7 +275,7 @@ class RequestTracker:
                 active.plan,
                 received_at=active.received_at,
                 frames=active.frames,
-                progress=lambda stage, fraction, message, position: self._progress(
+                progress=lambda stage, fraction, message, position: self.progress.report(
                     active, stage, fraction, message, position
                 ),
                 gate=lambda: self._gate(active),
@@ -304,8 +302,7 @@ class RequestTracker:
         if admission.repeat is not None:
             self._untrack(active)
             self.endings.forget(active)
-            if active.throttle is not None:
-                active.throttle.cancel()
+            self.progress.stop(active)
             self.outbox.release(active.ticket)
             await self.outbox.replay(active.ticket, admission.repeat)
             return
@@ -317,33 +314,7 @@ class RequestTracker:
     def _report_queued(self, active: Active) -> None:
         position = self.scheduler.position(active.request.request_id)
         if position is not None and active.end_reason is None:
-            self._progress(active, "queued", None, None, position)
-
-    def _progress(
-        self, active: Active, stage: str, fraction: float | None, message: str | None, position: int | None
-    ) -> None:
-        if active.throttle is None:
-            active.throttle = ProgressThrottle(lambda event: self._send_progress(active, event))
-        active.throttle(
-            RenderProgress(
-                request_id=active.request.request_id,
-                stage=stage,
-                generator=active.generator,
-                queue_position=position,
-                progress=fraction,
-                message=message,
-            )
-        )
-
-    def _send_progress(self, active: Active, event: RenderProgress) -> None:
-        if not active.accepted:
-            held = active.held_progress
-            if held and held[-1].stage == event.stage == "generating":
-                held[-1] = event  # provider updates: the latest one says it all
-            else:
-                held.append(event)
-            return
-        self.outbox.publisher.publish_nowait(event, reply_to=active.ticket.reply_to)
+            self.progress.report(active, "queued", None, None, position)
 
     async def _finish(self, active: Active, event: Terminal, blobs: Sequence[bytes] = ()) -> None:
         """Stop tracking ``active``; the Outbox journals its terminal event, then sends it."""
@@ -353,8 +324,7 @@ class RequestTracker:
             event = _in_batch(event, request)
         elif isinstance(event, RenderError):
             event = _in_batch(event, request)
-        if active.throttle is not None:
-            active.throttle.cancel()  # no progress after the terminal event
+        self.progress.stop(active)
         self._untrack(active)
         self.endings.forget(active)
         if isinstance(event, BatchDone):
