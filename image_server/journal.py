@@ -128,10 +128,29 @@ class Journal:
                         batch.append(more)
                 if batch:
                     self._run_batch(conn, batch)
+                    if self.checkpointer.writer_must_restart():
+                        self._restart_wal(conn)
                 if stop:
                     return
         finally:
             conn.close()
+
+    def _restart_wal(self, conn: sqlite3.Connection, *, give_up_s: float = 2.0) -> None:
+        """Restart the WAL before writing on: the checkpointer's own pass (or a reader) may
+        be in the way for a while, and writing on meanwhile is what grows the WAL."""
+        deadline = time.monotonic() + give_up_s
+        error: sqlite3.Error | None = None
+        while True:
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+                error = None
+            except sqlite3.Error as exc:
+                busy, error = 1, exc
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        if busy:
+            logger.warning("journal: the WAL could not be restarted (%s); writing on", error or "busy")
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
