@@ -12,6 +12,7 @@ accepts a request.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -34,7 +35,12 @@ class Scheduler:
         self.max_in_flight = max_in_flight
         self._running: dict[str, int] = {}
         self._in_flight = 0
-        self._waiting: list[_Ticket] = []
+        # Waiters per key, each list in start order. Only a key's first waiter can be next
+        # for that key, so a release looks at one waiter per key, not at the whole queue
+        # (a burst of 200 on one generator made every release scan all of them).
+        self._queues: dict[str, list[_Ticket]] = {}
+        self._by_owner: dict[str, list[_Ticket]] = {}  # a hedged request waits twice
+        self._queued = 0
         self._counter = itertools.count()
         self.held = False
         self._turn = 0  # the turn of the latest ticket started
@@ -46,31 +52,30 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._waiting)
+        return self._queued
 
     def running(self, key: str) -> int:
         return self._running.get(key, 0)
 
     def queued_by_key(self) -> dict[str, int]:
-        """How many waiters each key has (one pass, for metrics)."""
-        counts: dict[str, int] = {}
-        for ticket in self._waiting:
-            counts[ticket.key] = counts.get(ticket.key, 0) + 1
-        return counts
+        """How many waiters each key has (for metrics)."""
+        return {key: len(queue) for key, queue in self._queues.items() if queue}
 
     def position(self, owner: str) -> int | None:
         """1-based place in the queue of ``owner``'s waiter, ``None`` if it is not waiting."""
-        for index, ticket in enumerate(self._waiting, start=1):
-            if ticket.owner == owner:
-                return index
-        return None
+        tickets = self._by_owner.get(owner)
+        if not tickets:
+            return None
+        first = min(tickets)
+        return 1 + sum(bisect.bisect_left(queue, first) for queue in self._queues.values())
 
     def hold(self) -> None:
         """Start nothing more (shutdown): every waiter, now or later, gets CancelledError,
         so queued work ends unstarted while running work goes on."""
         self.held = True
-        for ticket in self._waiting:
-            ticket.future.cancel()
+        for queue in self._queues.values():
+            for ticket in queue:
+                ticket.future.cancel()
 
     @asynccontextmanager
     async def slot(
@@ -90,8 +95,11 @@ class Scheduler:
         ticket = _Ticket(
             (-priority, turn, next(self._counter)), key, owner, limit, asyncio.get_running_loop().create_future()
         )
-        self._waiting.append(ticket)
-        self._waiting.sort()
+        if self._can_start(key, limit) and not self._queues.get(key):
+            # Nothing of this key waits and it has room: no queue to join.
+            self._start(ticket)
+            return
+        self._enqueue(ticket)
         self._dispatch()
         try:
             await ticket.future
@@ -100,17 +108,35 @@ class Scheduler:
                 # Granted just as we were cancelled: give the slot back to the next waiter.
                 self._release(key)
             else:
-                if ticket in self._waiting:  # _dispatch may have dropped it already
-                    self._waiting.remove(ticket)
+                self._dequeue(ticket)
                 self._dispatch()
             raise
+
+    def _enqueue(self, ticket: _Ticket) -> None:
+        bisect.insort(self._queues.setdefault(ticket.key, []), ticket)
+        if ticket.owner:
+            self._by_owner.setdefault(ticket.owner, []).append(ticket)
+        self._queued += 1
+
+    def _dequeue(self, ticket: _Ticket) -> None:
+        queue = self._queues.get(ticket.key, [])
+        index = bisect.bisect_left(queue, ticket)
+        if index < len(queue) and queue[index] is ticket:  # _dispatch may have dropped it already
+            del queue[index]
+            self._queued -= 1
+            same_owner = self._by_owner.get(ticket.owner, [])
+            if ticket in same_owner:
+                same_owner.remove(ticket)
+                if not same_owner:
+                    del self._by_owner[ticket.owner]
 
     def _can_start(self, key: str, limit: int) -> bool:
         return self._in_flight < self.max_in_flight and self._running.get(key, 0) < limit
 
-    def _start(self, key: str) -> None:
+    def _start(self, ticket: _Ticket) -> None:
         self._in_flight += 1
-        self._running[key] = self._running.get(key, 0) + 1
+        self._running[ticket.key] = self._running.get(ticket.key, 0) + 1
+        self._turn = max(self._turn, ticket.sort_key[1])
 
     def _release(self, key: str) -> None:
         self._in_flight -= 1
@@ -118,24 +144,27 @@ class Scheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        """Start waiters while there is room: each time the first in order among the keys
+        whose own limit allows one more (equal to walking the whole queue in order)."""
         if self.held:
             return
-        for ticket in list(self._waiting):
-            if ticket.future.cancelled():
-                # Its task was cancelled but has not run yet to leave the queue: granting it
-                # would fail (InvalidStateError) and leak the slot.
-                self._waiting.remove(ticket)
-                continue
-            if self._in_flight >= self.max_in_flight:
+        while self._in_flight < self.max_in_flight:
+            best: _Ticket | None = None
+            for key, queue in self._queues.items():
+                while queue and queue[0].future.cancelled():
+                    # Its task was cancelled but has not run yet to leave the queue: granting
+                    # it would fail (InvalidStateError) and leak the slot.
+                    self._dequeue(queue[0])
+                if queue and self._running.get(key, 0) < queue[0].limit and (best is None or queue[0] < best):
+                    best = queue[0]
+            if best is None:
                 break
-            if self._can_start(ticket.key, ticket.limit):
-                self._waiting.remove(ticket)
-                self._start(ticket.key)
-                self._turn = max(self._turn, ticket.sort_key[1])
-                ticket.future.set_result(None)
-        if len(self._last_turn) > 4 * len(self._waiting) + 64:
+            self._dequeue(best)
+            self._start(best)
+            best.future.set_result(None)
+        if len(self._last_turn) > 4 * self._queued + 64:
             # Clients whose turns have all come round need no memory: they start at the current turn.
             self._last_turn = {c: t for c, t in self._last_turn.items() if t > self._turn}
 
     def __repr__(self) -> str:
-        return f"<Scheduler in_flight={self._in_flight}/{self.max_in_flight} queued={len(self._waiting)}>"
+        return f"<Scheduler in_flight={self._in_flight}/{self.max_in_flight} queued={self._queued}>"
