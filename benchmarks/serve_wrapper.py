@@ -5,6 +5,8 @@
 - ``BENCH_MODULES_DUMP=<path>``: on SIGUSR1, write the sorted top-level names of
   ``sys.modules`` to that file (which SDKs an idle service has imported);
 - ``BENCH_PROFILE=<path>``: run under cProfile and write the stats there on exit;
+- ``BENCH_TIMELINE=<path>``: stamp each request at a few points of its path and write
+  the stamps there on exit (``timeline.py``, read by ``bench_timeline.py``);
 - ``BENCH_DEBUG_LOGGERS=a,b``: those loggers at DEBUG whatever ``--log-level`` says (the
   diffusers generator's per-render pipeline time, without every library's debug lines).
 
@@ -76,6 +78,10 @@ if __name__ == "__main__":
     register_generator("ready", ReadyGenerator)
     for name in filter(None, os.environ.get("BENCH_DEBUG_LOGGERS", "").split(",")):
         logging.getLogger(name).setLevel(logging.DEBUG)  # the CLI's dictConfig keeps existing loggers' levels
+    if os.environ.get("BENCH_TIMELINE"):
+        from timeline import install
+
+        install(os.environ["BENCH_TIMELINE"])
     if os.environ.get("BENCH_MODULES_DUMP"):
         signal.signal(signal.SIGUSR1, _dump_modules)
     if os.environ.get("BENCH_PROFILE"):
