@@ -7,14 +7,14 @@ Fetching is in ``image_server.fetch``; decoding runs in worker threads, never on
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import functools
 import io
 import os
 import threading
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import ParamSpec, TypeVar
 
 import httpx
 from PIL import Image, UnidentifiedImageError
@@ -23,10 +23,10 @@ from image_server.config import ReferencesConfig
 from image_server.errors import ReferenceImageError
 from image_server.fetch import fetch_http_reference, read_file_reference
 from image_server.generators.base import ReferenceImage
+from image_server.inline_data import decode_base64_source
 from schemas import ImageSource, RenderRequest
 
 __all__ = [
-    "decode_base64_source",
     "decode_image",
     "open_header",
     "normalize_reference",
@@ -48,53 +48,23 @@ _PNG_COMPRESS_LEVEL = 1  # about 4x faster than the default 6 (DESIGN.md); these
 _WARNINGS_LOCK = threading.Lock()
 
 
-# base64 decoding holds the GIL; in chunks, the event loop's thread gets it back between
-# them instead of waiting ~10 ms per 4 MB reference (measured in benchmarks/README.md).
-_B64_CHUNK = 512 * 1024  # a multiple of 4
-
-
-def _has_whitespace(text: str) -> bool:
-    return any(c in text for c in " \n\r\t")
-
-
-def _b64decode_chunked(text: str) -> bytes:
-    if len(text) <= _B64_CHUNK:
-        return base64.b64decode(text, validate=True)
-    return b"".join(base64.b64decode(text[i : i + _B64_CHUNK], validate=True) for i in range(0, len(text), _B64_CHUNK))
-
-
-def decode_base64_source(text: str, max_bytes: int) -> bytes:
-    """Bytes from raw base64 or a ``data:...;base64,`` URI; whitespace is ignored.
-
-    The size cap is checked on the base64 length before anything is decoded.
-    """
-    payload = text
-    if text[:5].lower() == "data:":
-        header, comma, payload = text.partition(",")
-        if not comma:
-            raise ReferenceImageError("malformed data URI (no ',' before the data)")
-        if "base64" not in (part.strip().lower() for part in header[5:].split(";")[1:]):
-            raise ReferenceImageError("only base64 data URIs are supported")
-    if len(payload) > 4 * -(-max_bytes // 3) + len(payload) // 64 + 1024:  # generous for line breaks
-        raise ReferenceImageError(f"image data is larger than the limit of {max_bytes} bytes")
-    compact = "".join(payload.split()) if _has_whitespace(payload) else payload
-    if len(compact) > 4 * -(-max_bytes // 3):
-        raise ReferenceImageError(f"image data is larger than the limit of {max_bytes} bytes")
-    compact += "=" * (-len(compact) % 4)  # tolerate stripped padding
-    try:
-        data = _b64decode_chunked(compact)
-    except (binascii.Error, ValueError) as exc:
-        raise ReferenceImageError("image data is not valid base64") from exc
-    if not data:
-        raise ReferenceImageError("image data is empty")
-    if len(data) > max_bytes:
-        raise ReferenceImageError(f"image data is larger than the limit of {max_bytes} bytes")
-    return data
-
-
-# Full decodes at once: one core fewer than the machine has, so ten 4096x4096 references
-# cannot take every core from the event loop (they still run in parallel on big machines).
+# References worked on at once (base64, read, decode): one core fewer than the machine has,
+# so they cannot take every core from the event loop. It also keeps the queue for the GIL
+# short: base64 and the decoder's Python glue hold it in short steps, and with six threads
+# taking turns the loop's thread waited up to five turns of the 1 ms switch interval.
 _DECODE_SLOTS = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) - 1))
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _one_slot(work: Callable[_P, _T]) -> Callable[_P, _T]:
+    @functools.wraps(work)
+    def in_slot(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        with _DECODE_SLOTS:
+            return work(*args, **kwargs)
+
+    return in_slot
 
 
 def open_header(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -133,12 +103,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> ReferenceImage:
     image = open_header(data, max_pixels=max_pixels)
     with image:
         width, height = image.size
+        native = NATIVE_FORMATS.get(image.format or "")
+        if native == "jpeg":
+            # At 1/8 scale libjpeg still reads every byte of the entropy-coded data, so a
+            # truncated or corrupt file fails exactly as at full size (tests compare both);
+            # it writes 64x fewer pixels, and a 4096x4096 photo no longer needs 64 MB
+            # (whose zeroing, in Pillow's allocation, held the GIL for 7-15 ms).
+            image.draft(None, (1, 1))
         try:
-            with _DECODE_SLOTS:
-                image.load()  # verify() checks nothing for JPEG or WebP; only decoding finds truncation
+            image.load()  # verify() checks nothing for JPEG or WebP; only decoding finds truncation
         except Exception as exc:
             raise ReferenceImageError(f"image data is truncated or corrupt ({type(exc).__name__})") from exc
-        native = NATIVE_FORMATS.get(image.format or "")
         if native is not None:
             return ReferenceImage(data=data, format=native, width=width, height=height)
         return ReferenceImage(data=_to_png(image), format="png", width=width, height=height)
@@ -164,14 +139,22 @@ def _scheme(source: ImageSource) -> str:
     return scheme.lower() if colon else ""
 
 
+@_one_slot
 def _decode_base64_sync(text: str, config: ReferencesConfig) -> ReferenceImage:
     return decode_image(decode_base64_source(text, config.max_bytes), max_pixels=config.max_pixels)
 
 
+@_one_slot
 def _decode_file_sync(uri: str, config: ReferencesConfig) -> ReferenceImage:
     return decode_image(read_file_reference(uri, config), max_pixels=config.max_pixels)
 
 
+@_one_slot
+def _decode_fetched_sync(data: bytes, config: ReferencesConfig) -> ReferenceImage:
+    return decode_image(data, max_pixels=config.max_pixels)
+
+
+@_one_slot
 def _decode_frame_sync(data: bytes | bytearray, config: ReferencesConfig) -> ReferenceImage:
     if len(data) > config.max_bytes:
         raise ReferenceImageError(f"image frame is larger than the limit of {config.max_bytes} bytes")
@@ -198,7 +181,7 @@ async def _load(
         return await asyncio.to_thread(_decode_file_sync, uri, config)
     if scheme in ("http", "https"):
         data = await fetch_http_reference(uri, config, client)
-        return await asyncio.to_thread(decode_image, data, max_pixels=config.max_pixels)
+        return await asyncio.to_thread(_decode_fetched_sync, data, config)
     raise ReferenceImageError(f"unsupported URI scheme {scheme[:16]!r} (use file://, http(s):// or data:)")
 
 
