@@ -15,6 +15,7 @@ from PIL import Image, ImageStat
 
 from image_server.config import ReferencesConfig
 from image_server.errors import ReferenceImageError
+from image_server.generators.base import ReferenceImage
 from image_server.inline_data import decode_base64_head
 from image_server.precheck import HEADER_BYTES, precheck_embedded_references
 from image_server.references import decode_image
@@ -102,6 +103,18 @@ def test_the_precheck_refuses_too_many_pixels_even_behind_a_long_header():
     with pytest.raises(ReferenceImageError, match=r"reference image 0: image is 100x100") as info:
         precheck_embedded_references(request_with(data), [], ReferencesConfig(max_pixels=64 * 64))
     assert info.value.request_id == "pre"
+
+
+def test_to_pil_at_least_decodes_a_jpeg_smaller_but_never_below_the_size_asked():
+    picture = Image.new("RGB", (2048, 1024), (200, 30, 30))
+    jpeg = ReferenceImage(data=encode(picture, "JPEG", quality=90), format="jpeg", width=2048, height=1024)
+    reduced = jpeg.to_pil(at_least=(256, 256))
+    assert reduced.size == (512, 256)  # 1/4: 1/8 would make the height 128
+    assert all(abs(a - b) <= 3 for a, b in zip(reduced.getpixel((10, 10)), (200, 30, 30), strict=True))
+    assert jpeg.to_pil().size == (2048, 1024)
+    assert jpeg.to_pil(at_least=(2000, 1000)).size == (2048, 1024)
+    png = ReferenceImage(data=encode(picture, "PNG"), format="png", width=2048, height=1024)
+    assert png.to_pil(at_least=(256, 256)).size == (2048, 1024)  # only JPEG can be decoded smaller
 
 
 def big_tinted_jpeg(colour: tuple[int, int, int], side: int = 2048) -> bytes:

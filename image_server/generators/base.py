@@ -99,13 +99,20 @@ class ReferenceImage:
     def mime(self) -> str:
         return f"image/{self.format}"
 
-    def to_pil(self) -> Image.Image:
-        """Decode (blocking: call from a worker thread)."""
+    def to_pil(self, at_least: tuple[int, int] | None = None) -> Image.Image:
+        """Decode (blocking: call from a worker thread).
+
+        With ``at_least`` (width, height), a JPEG may be decoded at 1/2, 1/4 or 1/8 scale,
+        never smaller than that on either side: for a caller that resizes to that size
+        anyway, a 4096x4096 photo costs a 512x512 decode instead of 64 MB of pixels.
+        """
         import io
 
         from PIL import Image
 
         with Image.open(io.BytesIO(self.data)) as img:
+            if at_least is not None:
+                img.draft(None, at_least)  # a no-op for formats other than JPEG
             img.load()
             return img.copy()
 

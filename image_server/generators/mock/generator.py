@@ -121,7 +121,7 @@ class MockGenerator(Generator):
 
     def _render_all(self, job: RenderJob, seed: int, style: Style, strength: float) -> list[GeneratedImage]:
         """Blocking: draw (or load) every image of the request."""
-        reference = job.references[0].to_pil() if job.references else None
+        reference = job.references[0].to_pil(at_least=(job.width, job.height)) if job.references else None
         images: list[GeneratedImage] = []
         for index in range(job.request.num_images):
             image_seed = seed + index
