@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -52,21 +52,22 @@ def uninitialized_bytearray(size: int) -> bytearray:
     CPython's ``PyByteArray_FromStringAndSize(NULL, size)`` allocates and leaves the bytes
     as they are; the pages are then faulted in by the copies, a megabyte at a time.
     """
-    make = _bytearray_maker()
-    return make(None, size) if make is not None else bytearray(size)
+    return _MAKE_BYTEARRAY(None, size) if _MAKE_BYTEARRAY is not None else bytearray(size)
 
 
-@functools.cache
 def _bytearray_maker() -> Callable[[None, int], bytearray] | None:
+    # Looked up at import (service start): importing ctypes on the first big message cost
+    # that message's thread ~5 ms of compiling with the GIL held.
     try:
-        import ctypes
-
         make = ctypes.pythonapi.PyByteArray_FromStringAndSize
-    except (ImportError, AttributeError):  # not CPython
+    except AttributeError:  # not CPython
         return None
     make.restype = ctypes.py_object
     make.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
     return cast("Callable[[None, int], bytearray]", make)
+
+
+_MAKE_BYTEARRAY = _bytearray_maker()
 
 
 async def prestart_worker_threads() -> None:

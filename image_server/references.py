@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import ParamSpec, TypeVar
 
 import httpx
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError, WebPImagePlugin
 
 from image_server.config import ReferencesConfig
 from image_server.errors import ReferenceImageError
@@ -25,6 +25,12 @@ from image_server.fetch import fetch_http_reference, read_file_reference
 from image_server.generators.base import ReferenceImage
 from image_server.inline_data import decode_base64_source
 from schemas import ImageSource, RenderRequest
+
+# Every plugin an opener below may need is registered at import (service start): left to
+# the first request, Image.open imported (and, without cached bytecode, compiled) them on
+# that request's thread, and a GIF, BMP or TIFF made it import all ~40 (Image.init).
+Image.preinit()  # BMP, GIF, JPEG, PNG (and PPM)
+_REGISTERED = (TiffImagePlugin, WebPImagePlugin)
 
 __all__ = [
     "decode_image",

@@ -14,6 +14,7 @@ from typing import Any
 
 LIFT_MIN_BYTES = 64 * 1024  # strings shorter than this are left to the parser
 _KEYS = (b'"image_data"', b'"uri"')
+_WINDOW_BYTES = 1024 * 1024
 _WHITESPACE = b" \t\r\n"
 
 
@@ -36,18 +37,30 @@ def _value_span(payload: bytes | bytearray, after_key: int) -> tuple[int, int] |
     return i + 1, end
 
 
-def _lift(payload: bytes | bytearray) -> tuple[bytes | bytearray, dict[str, tuple[int, int]]]:
+def _spans(payload: bytes | bytearray) -> list[tuple[int, int]]:
+    """The liftable values, in order, found a window at a time and skipping each value
+    found: the second key's ``find`` over all of a 40 MB message held the GIL for ~30 ms
+    (a multi-byte search runs at ~1.3 GB/s), a window costs ~1 ms at most."""
     spans: list[tuple[int, int]] = []
-    for key in _KEYS:
-        position = payload.find(key)
-        while position >= 0:
-            span = _value_span(payload, position + len(key))
-            if span is not None:
-                spans.append(span)
-            position = payload.find(key, span[1] if span else position + len(key))
+    cursor, size = 0, len(payload)
+    while cursor < size:
+        stop = min(size, cursor + _WINDOW_BYTES)
+        found = [(at, key) for key in _KEYS if (at := payload.find(key, cursor, stop + len(key) - 1)) >= 0]
+        if not found:
+            cursor = stop
+            continue
+        position, key = min(found)
+        span = _value_span(payload, position + len(key))
+        if span is not None:
+            spans.append(span)
+        cursor = span[1] if span is not None else position + len(key)
+    return spans
+
+
+def _lift(payload: bytes | bytearray) -> tuple[bytes | bytearray, dict[str, tuple[int, int]]]:
+    spans = _spans(payload)
     if not spans:
         return payload, {}
-    spans.sort()
     nonce = secrets.token_hex(8)
     pieces: list[bytes | bytearray] = []
     lifted: dict[str, tuple[int, int]] = {}
@@ -70,7 +83,8 @@ def _restore(data: Any, payload: bytes | bytearray, lifted: dict[str, tuple[int,
         for key, value in list(entries):
             if isinstance(value, str) and value in lifted:
                 start, end = lifted[value]
-                item[key] = payload[start:end].decode("ascii")
+                # Straight from the buffer: slicing first would copy the megabytes twice.
+                item[key] = str(memoryview(payload)[start:end], "ascii")
                 restored += 1
             elif isinstance(value, dict | list):
                 stack.append(value)
