@@ -24,6 +24,7 @@ from image_server.errors import ReferenceImageError
 from image_server.fetch import fetch_http_reference, read_file_reference
 from image_server.generators.base import ReferenceImage
 from image_server.inline_data import decode_base64_source
+from image_server.offload import run_gil_bound
 from schemas import ImageSource, RenderRequest
 
 # Every plugin an opener below may need is registered at import (service start): left to
@@ -54,10 +55,10 @@ _PNG_COMPRESS_LEVEL = 1  # about 4x faster than the default 6 (DESIGN.md); these
 _WARNINGS_LOCK = threading.Lock()
 
 
-# References worked on at once (base64, read, decode): one core fewer than the machine has,
-# so they cannot take every core from the event loop. It also keeps the queue for the GIL
-# short: base64 and the decoder's Python glue hold it in short steps, and with six threads
-# taking turns the loop's thread waited up to five turns of the 1 ms switch interval.
+# References decoded (or read) at once: one core fewer than the machine has, so they cannot
+# take every core from the event loop. It also keeps the queue for the GIL short: with six
+# threads taking turns, the loop's thread waited up to five turns of the switch interval.
+# Base64 is decoded before, on offload's one GIL-bound thread (it holds the GIL throughout).
 _DECODE_SLOTS = threading.BoundedSemaphore(max(1, (os.cpu_count() or 2) - 1))
 
 _P = ParamSpec("_P")
@@ -146,11 +147,6 @@ def _scheme(source: ImageSource) -> str:
 
 
 @_one_slot
-def _decode_base64_sync(text: str, config: ReferencesConfig) -> ReferenceImage:
-    return decode_image(decode_base64_source(text, config.max_bytes), max_pixels=config.max_pixels)
-
-
-@_one_slot
 def _decode_file_sync(uri: str, config: ReferencesConfig) -> ReferenceImage:
     return decode_image(read_file_reference(uri, config), max_pixels=config.max_pixels)
 
@@ -178,11 +174,13 @@ async def _load(
             raise ReferenceImageError(f"frame {source.frame} is not in the message ({len(frames)} extra frames)")
         return await asyncio.to_thread(_decode_frame_sync, frames[source.frame], config)
     if source.image_data is not None:
-        return await asyncio.to_thread(_decode_base64_sync, source.image_data, config)
+        data = await run_gil_bound(decode_base64_source, source.image_data, config.max_bytes)
+        return await asyncio.to_thread(_decode_fetched_sync, data, config)
     scheme = _scheme(source)
     uri = (source.uri or "").strip()
     if scheme == "data":
-        return await asyncio.to_thread(_decode_base64_sync, uri, config)
+        data = await run_gil_bound(decode_base64_source, uri, config.max_bytes)
+        return await asyncio.to_thread(_decode_fetched_sync, data, config)
     if scheme == "file":
         return await asyncio.to_thread(_decode_file_sync, uri, config)
     if scheme in ("http", "https"):

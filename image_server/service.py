@@ -36,7 +36,12 @@ from image_server.logs import RateLimitedLog
 from image_server.looplag import LoopLagMonitor
 from image_server.manager import GeneratorManager
 from image_server.metrics import ServiceMetrics
-from image_server.offload import DECODE_IN_THREAD_BYTES, as_bytes_in_chunks, prestart_worker_threads
+from image_server.offload import (
+    DECODE_IN_THREAD_BYTES,
+    as_bytes_in_chunks,
+    prestart_worker_threads,
+    run_gil_bound,
+)
 from image_server.outbox import Outbox
 from image_server.pipeline import RenderPipeline
 from image_server.prompting.ollama import OllamaCompressor
@@ -374,7 +379,7 @@ class ImageService:
                 user_id = curve_user_id(received[0]) if self._curve and received else None
                 size = sum(len(frame) for frame in received)
                 if size > DECODE_IN_THREAD_BYTES:
-                    frames: list[bytes | bytearray] = await asyncio.to_thread(as_bytes_in_chunks, received)
+                    frames: list[bytes | bytearray] = await run_gil_bound(as_bytes_in_chunks, received)
                 else:
                     frames = [frame.bytes for frame in received]
                 await self._on_frames(frames, user_id=user_id)
@@ -435,9 +440,7 @@ class ImageService:
             return
         try:
             decoded = (
-                await asyncio.to_thread(decode_frames, frames)
-                if size > DECODE_IN_THREAD_BYTES
-                else decode_frames(frames)
+                await run_gil_bound(decode_frames, frames) if size > DECODE_IN_THREAD_BYTES else decode_frames(frames)
             )
         except WireError as exc:
             await self._refuse(exc, user_id)
