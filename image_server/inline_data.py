@@ -1,7 +1,7 @@
 """Bytes from the base64 a request carries inline (``image_data`` or a ``data:`` URI), in
 steps short enough that the event loop's thread is never kept from the GIL for long.
 
-``base64.b64decode`` holds the GIL for as long as it runs (about 1 ms per MB), and so does
+Base64 decoding holds the GIL for as long as it runs (about 1 ms per MB), and so does
 removing line breaks from a wrapped payload; a 4 MB reference decoded in one call kept the
 loop waiting ~10 ms (benchmarks/README.md, figure 5). Here both are done 512 KB at a time.
 ``head`` decodes only the start, which is where an image's header is: enough to check its
@@ -10,7 +10,6 @@ format and size before the request is journaled, without decoding all of it twic
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Iterator
 
@@ -74,8 +73,9 @@ def _compact_pieces(payload: str) -> Iterator[str]:
 
 
 def _decode(piece: str) -> bytes:
+    # binascii reads an ASCII str in place; base64.b64decode would first copy it to bytes.
     try:
-        return base64.b64decode(piece, validate=True)
+        return binascii.a2b_base64(piece, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise ReferenceImageError("image data is not valid base64") from exc
 

@@ -44,6 +44,11 @@ async def run_gil_bound(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwa
     return await loop.run_in_executor(_GIL_BOUND, functools.partial(work, *args, **kwargs))
 
 
+def in_gil_bound_thread(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """From a worker thread: run ``work`` on the GIL-bound thread and wait for it."""
+    return _GIL_BOUND.submit(work, *args, **kwargs).result()
+
+
 def as_bytes_in_chunks(frames: Sequence[zmq.Frame]) -> list[bytes | bytearray]:
     """Copy received frames out of libzmq a megabyte at a time: one 40 MB copy holds the GIL
     for ~17 ms, and the event loop's thread would wait for all of it."""
