@@ -32,7 +32,8 @@ WORKER_NICENESS = 10
 # it, decoding base64) run on one thread of their own at normal priority instead. At nice
 # 10, such a thread was preempted by other processes *while holding the GIL*, and the loop
 # waited for it: on a busy machine a 0.4 ms base64 chunk took 6-11 ms (figure 5).
-_GIL_BOUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gil-bound")
+_GIL_BOUND_NAME = "gil-bound"
+_GIL_BOUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_GIL_BOUND_NAME)
 
 COPY_CHUNK_BYTES = 1024 * 1024
 
@@ -45,7 +46,10 @@ async def run_gil_bound(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwa
 
 
 def in_gil_bound_thread(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """From a worker thread: run ``work`` on the GIL-bound thread and wait for it."""
+    """From a worker thread: run ``work`` on the GIL-bound thread and wait for it (at once
+    when called there: waiting for itself would never end)."""
+    if threading.current_thread().name.startswith(_GIL_BOUND_NAME):
+        return work(*args, **kwargs)
     return _GIL_BOUND.submit(work, *args, **kwargs).result()
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from image_server.config import ReferencesConfig
 from image_server.errors import ReferenceImageError
 from image_server.inline_data import decode_base64_head, decode_base64_source
+from image_server.offload import in_gil_bound_thread
 from image_server.references import open_header
 from schemas import ImageSource, RenderRequest
 
@@ -51,7 +52,7 @@ def precheck_embedded_references(
 def _check_header(source: ImageSource, frames: Sequence[bytes | bytearray], config: ReferencesConfig) -> None:
     text = _base64_text(source)
     if text is not None:
-        head, complete = decode_base64_head(text, config.max_bytes, HEADER_BYTES)
+        head, complete = in_gil_bound_thread(decode_base64_head, text, config.max_bytes, HEADER_BYTES)
         try:
             open_header(head, max_pixels=config.max_pixels).close()
             return
@@ -59,7 +60,8 @@ def _check_header(source: ImageSource, frames: Sequence[bytes | bytearray], conf
             if complete:
                 raise
         # Not enough to read a header (or not an image): decide on all of it.
-        open_header(decode_base64_source(text, config.max_bytes), max_pixels=config.max_pixels).close()
+        data = in_gil_bound_thread(decode_base64_source, text, config.max_bytes)
+        open_header(data, max_pixels=config.max_pixels).close()
         return
     if source.frame is None or source.frame >= len(frames):
         return  # not embedded; the admission check names missing frames

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 
 import pytest
 import zmq
@@ -117,3 +118,17 @@ def test_big_frames_received_zero_copy_are_copied_out_intact():
         assert as_bytes_in_chunks(received) == frames
     finally:
         context.destroy(linger=0)
+
+
+def test_gil_bound_work_runs_there_from_a_worker_and_at_once_from_itself():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from image_server.offload import in_gil_bound_thread
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(1) as worker:
+        assert worker.submit(in_gil_bound_thread, where).result(timeout=5).startswith("gil-bound")
+        nested = worker.submit(in_gil_bound_thread, in_gil_bound_thread, where)
+        assert nested.result(timeout=5).startswith("gil-bound")  # no deadlock waiting for itself
