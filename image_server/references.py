@@ -169,7 +169,9 @@ def _decode_fetched_sync(data: bytes, config: ReferencesConfig) -> ReferenceImag
 def _decode_frame_sync(data: bytes | bytearray, config: ReferencesConfig) -> ReferenceImage:
     if len(data) > config.max_bytes:
         raise ReferenceImageError(f"image frame is larger than the limit of {config.max_bytes} bytes")
-    return decode_image(bytes(data), max_pixels=config.max_pixels)
+    # A big frame arrives as a bytearray; its copy to bytes holds the GIL throughout.
+    encoded = data if isinstance(data, bytes) else in_gil_bound_thread(bytes, data)
+    return decode_image(encoded, max_pixels=config.max_pixels)
 
 
 async def _load(
