@@ -30,7 +30,7 @@ from harness import machine, median_of, percentile, running_service
 from image_server.client import RenderClient
 from schemas import ImageSource, RenderRequest
 
-TARGET_P99_MS = 10.0
+TARGET_P99_MS = 5.0  # issue 14 (figure 5 first asked for 10 ms)
 INTERVAL_S = 0.02
 SIDE = 4096
 REFERENCES = 10
@@ -38,7 +38,9 @@ GENERATORS = {"mock": {"strategy": "mock", "style": "simple", "concurrency": 4}}
 # How much noise the references carry, hence how big the message is: "light" is about
 # 1.2 MB of base64 per image (12 MB in all), "heavy" about 4 MB per image (40 MB), which is
 # what photographs of this size weigh as JPEG.
-VARIANTS = {"light": 0.05, "heavy": 0.15}
+# "heavy-frames": the heavy JPEGs sent raw as extra frames (ImageSource(frame=i)), the way
+# README recommends for big references: no base64, no JSON to parse around them.
+VARIANTS = {"light": (0.05, "base64"), "heavy": (0.15, "base64"), "heavy-frames": (0.15, "frames")}
 
 
 def reference_images(noise: float, count: int = REFERENCES) -> list[str]:
@@ -103,25 +105,27 @@ def jitter_ms(arrivals: list[float], start: float, end: float) -> dict[str, floa
     }
 
 
-async def _send(requests_endpoint: str, events_endpoint: str, images: list[str]) -> dict[str, Any]:
+async def _send(requests_endpoint: str, events_endpoint: str, images: list[str], as_frames: bool) -> dict[str, Any]:
     async with RenderClient(requests_endpoint, events_endpoint) as client:
         await client.wait_ready()
+        frames = [base64.b64decode(data) for data in images] if as_frames else []
+        sources = [ImageSource(frame=i) for i in range(len(frames))] or [ImageSource(image_data=d) for d in images]
         request = RenderRequest(
             request_id=f"jitter-{time.monotonic_ns()}",
             prompt="ten big references",
             width=256,
             height=256,
-            reference_images=[ImageSource(image_data=data) for data in images],
+            reference_images=sources,
         )
         await asyncio.sleep(1.0)  # the idle baseline
         started = time.monotonic()
-        result = await client.render(request, timeout=120)
+        result = await client.render(request, timeout=120, images=frames)
         ended = time.monotonic()
         resends = client.resends
     return {"started": started, "ended": ended, "timings": result.event.timings.model_dump(), "resends": resends}
 
 
-def measure(images: list[str]) -> dict[str, Any]:
+def measure(images: list[str], as_frames: bool = False) -> dict[str, Any]:
     with running_service(GENERATORS, log_level="warning", heartbeat_interval_s=INTERVAL_S) as service:
         listener = subprocess.Popen(
             [sys.executable, __file__, "--listen", service.events], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -130,13 +134,13 @@ def measure(images: list[str]) -> dict[str, Any]:
             assert listener.stdout is not None
             if listener.stdout.readline().strip() != b"ready":
                 raise RuntimeError("the heartbeat listener did not start")
-            sent = asyncio.run(_send(service.requests, service.events, images))
+            sent = asyncio.run(_send(service.requests, service.events, images, as_frames))
         finally:
             out, _ = listener.communicate(b"", timeout=30)
     arrivals: list[float] = json.loads(out)
     started, ended = sent["started"], sent["ended"]
     return {
-        "message_mb": round(sum(len(i) for i in images) / 1e6, 1),
+        "message_mb": round(sum(len(i) * (3 / 4 if as_frames else 1) for i in images) / 1e6, 1),
         "during": jitter_ms(arrivals, started, ended),
         "baseline": jitter_ms(arrivals, started - 0.9, started),
         "window_ms": round((ended - started) * 1000, 1),
@@ -150,16 +154,20 @@ def run(runs: int = 3) -> dict[str, Any]:
     result: dict[str, Any] = {
         "figure": f"heartbeat jitter, {REFERENCES} base64 references of {SIDE}x{SIDE}",
         "interval_ms": INTERVAL_S * 1000,
-        "target": f"p99 under {TARGET_P99_MS:g} ms",
+        "target": f"p99 at most {TARGET_P99_MS:g} ms",
         "median": {},
         "runs": {},
     }
-    for name, noise in VARIANTS.items():
-        images = reference_images(noise)
-        samples = [measure(images) for _ in range(runs)]
+    made: dict[float, list[str]] = {}
+    for name, (noise, carried) in VARIANTS.items():
+        if noise not in made:
+            made[noise] = reference_images(noise)
+        images = made[noise]
+        samples = [measure(images, as_frames=carried == "frames") for _ in range(runs)]
         result["runs"][name] = samples
         result["median"][name] = {
             "message_mb": samples[0]["message_mb"],
+            "carried_as": carried,
             "during_p50_ms": median_of(samples, "during.p50_ms"),
             "during_p99_ms": median_of(samples, "during.p99_ms"),
             "during_max_ms": median_of(samples, "during.max_ms"),
@@ -168,7 +176,7 @@ def run(runs: int = 3) -> dict[str, Any]:
             "normalize_ms": median_of(samples, "timings_ms.normalize"),
             "client_resends": median_of(samples, "client_resends"),
         }
-    result["met"] = all(m["during_p99_ms"] < TARGET_P99_MS for m in result["median"].values())
+    result["met"] = all(m["during_p99_ms"] <= TARGET_P99_MS for m in result["median"].values())
     return result
 
 

@@ -14,7 +14,7 @@ header that long, or no image at all) is the whole decoded, to say which.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from image_server.config import ReferencesConfig
 from image_server.errors import ReferenceImageError
@@ -53,22 +53,27 @@ def _check_header(source: ImageSource, frames: Sequence[bytes | bytearray], conf
     text = _base64_text(source)
     if text is not None:
         head, complete = in_gil_bound_thread(decode_base64_head, text, config.max_bytes, HEADER_BYTES)
-        try:
-            open_header(head, max_pixels=config.max_pixels).close()
-            return
-        except ReferenceImageError:
-            if complete:
-                raise
-        # Not enough to read a header (or not an image): decide on all of it.
-        data = in_gil_bound_thread(decode_base64_source, text, config.max_bytes)
-        open_header(data, max_pixels=config.max_pixels).close()
+        _open_head(head, complete, lambda: in_gil_bound_thread(decode_base64_source, text, config.max_bytes), config)
         return
     if source.frame is None or source.frame >= len(frames):
         return  # not embedded; the admission check names missing frames
     frame = frames[source.frame]
     if len(frame) > config.max_bytes:
         raise ReferenceImageError(f"image frame is larger than the limit of {config.max_bytes} bytes")
-    open_header(frame if isinstance(frame, bytes) else bytes(frame), max_pixels=config.max_pixels).close()
+    # A copy of the start only: copying ten 3 MB frames whole took 15 ms of GIL-held copies.
+    _open_head(bytes(frame[:HEADER_BYTES]), len(frame) <= HEADER_BYTES, lambda: bytes(frame), config)
+
+
+def _open_head(head: bytes, complete: bool, whole: Callable[[], bytes], config: ReferencesConfig) -> None:
+    """Read the header from ``head``; if that is not enough (a header that long, or no
+    image at all), decide on all of the data."""
+    try:
+        open_header(head, max_pixels=config.max_pixels).close()
+        return
+    except ReferenceImageError:
+        if complete:
+            raise
+    open_header(whole(), max_pixels=config.max_pixels).close()
 
 
 def _base64_text(source: ImageSource) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
 import struct
 
@@ -165,3 +166,13 @@ async def test_bad_base64_past_the_checked_head_is_still_a_reference_image_error
         with pytest.raises(RenderFailed) as failed:
             await client.render(request_id="bad-tail", prompt="p", reference_image=ImageSource(image_data=broken))
     assert failed.value.code == "reference_image" and "not valid base64" in failed.value.event.message
+
+
+def test_a_frame_is_prechecked_from_its_start_and_whole_when_its_header_is_longer():
+    long_header = jpeg_with_long_header((100, 100), segments=8)
+    request = RenderRequest(request_id="pre", prompt="p", reference_images=[ImageSource(frame=0)])
+    precheck_embedded_references(request, [bytearray(long_header)], ReferencesConfig())
+    with pytest.raises(ReferenceImageError, match=r"reference image 0: image is 100x100"):
+        precheck_embedded_references(request, [bytearray(long_header)], ReferencesConfig(max_pixels=64 * 64))
+    with pytest.raises(ReferenceImageError, match="reference image 0: not a supported image"):
+        precheck_embedded_references(request, [bytearray(os.urandom(HEADER_BYTES + 10))], ReferencesConfig())
