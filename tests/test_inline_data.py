@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import threading
 
 import pytest
@@ -100,6 +101,7 @@ def test_the_head_does_not_look_at_characters_past_it():
 def test_uninitialized_bytearray_is_writable_and_of_the_size_asked():
     buffer = uninitialized_bytearray(3 * COPY_CHUNK_BYTES + 5)
     assert isinstance(buffer, bytearray) and len(buffer) == 3 * COPY_CHUNK_BYTES + 5
+    assert sys.getrefcount(buffer) == 2  # ours and the call's: the C API's new reference is not leaked
     buffer[-5:] = b"abcde"
     assert bytes(buffer[-5:]) == b"abcde"
 
