@@ -3,7 +3,8 @@
 The service heartbeats every 20 ms. A listener in its own process (this file with
 ``--listen``) records when each Heartbeat arrives; this process sends one RenderRequest
 with ten 4096x4096 JPEGs (gradients plus noise) as base64 ``image_data``: a 12 MB message
-("light") and a 40 MB one ("heavy", about what photographs of that size weigh). Jitter is how far each gap between Heartbeats strays from 20 ms,
+("light") and a 40 MB one ("heavy", about what photographs of that size weigh), and the heavy
+JPEGs once more as raw extra frames ("heavy-frames", 30 MB). Jitter is how far each gap between Heartbeats strays from 20 ms,
 over the heartbeats between the send and the ImageReady (decoding the message, journaling
 it, decoding every reference fully, the mock's render and storage). An idle stretch before
 the send is the baseline.
