@@ -176,3 +176,16 @@ def test_a_frame_is_prechecked_from_its_start_and_whole_when_its_header_is_longe
         precheck_embedded_references(request, [bytearray(long_header)], ReferencesConfig(max_pixels=64 * 64))
     with pytest.raises(ReferenceImageError, match="reference image 0: not a supported image"):
         precheck_embedded_references(request, [bytearray(os.urandom(HEADER_BYTES + 10))], ReferencesConfig())
+
+
+async def test_gil_bound_work_runs_at_the_loops_priority_and_image_work_below_it(service_factory):
+    # A GIL-holding thread at nice 10 was preempted while holding the GIL, and the loop
+    # waited for it; image work (GIL released) stays below the loop's priority.
+    import asyncio
+
+    from image_server.offload import WORKER_NICENESS, run_gil_bound
+
+    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's (Linux: per thread)
+    async with service_factory():
+        assert await run_gil_bound(os.getpriority, os.PRIO_PROCESS, 0) == loop_nice
+        assert await asyncio.to_thread(os.getpriority, os.PRIO_PROCESS, 0) == max(loop_nice, WORKER_NICENESS)
