@@ -249,7 +249,13 @@ async def test_wal_starts_over_when_the_writer_pauses(tmp_path: Path):
         for index in range(600):
             await journal.admit(f"s-{index}", "mock", body)
             await journal.finish(f"s-{index}", "ImageReady", None, "{}", total_ms=1.0)
-            await asyncio.sleep(0.002)
+            if index % 50 == 49:
+                # The pause: long enough for the checkpointer's next pass, however busy the
+                # machine (a fixed sleep let a loaded machine's WAL grow past the bound).
+                passes = journal.checkpointer.checkpoints
+                async with asyncio.timeout(10):
+                    while journal.checkpointer.checkpoints == passes:
+                        await asyncio.sleep(0.005)
         wal = (tmp_path / (JOURNAL_FILE + "-wal")).stat().st_size
     assert journal.checkpointer.checkpoints > 0
     assert wal < 8 * 1024 * 1024, wal  # about 20 MB of frames were written
