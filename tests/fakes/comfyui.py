@@ -8,9 +8,11 @@ Knobs are plain attributes (``render_s``, ``steps``, ``fail_node_class``, ``fore
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
+import socket
 import threading
 import time
 import uuid
@@ -82,6 +84,11 @@ class FakeComfyUI:
         self.lose_prompts = False  # accept prompts, then forget them (a server that restarted)
         self.honour_prompt_id = True  # False: an older ComfyUI that assigns its own prompt ids
         self.nonsense_prompt = False  # 200 from POST /prompt without a prompt_id
+        # Seconds between the /ws handshake and filing the socket under its client id. ComfyUI
+        # takes the same two steps in that order, so a busy server sends a prompt posted in
+        # between to nobody: the gap the client's wait for the first frame closes.
+        self.ws_register_delay_s = 0.0
+        self._closed = False  # set on exit: a socket filed afterwards is closed at once
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -157,6 +164,7 @@ class FakeComfyUI:
 
     def _close_sockets(self) -> None:
         with self.sockets_lock:
+            self._closed = True
             for target in self.sockets.values():
                 target.put(None)
 
@@ -356,9 +364,12 @@ class FakeComfyUI:
         handler.end_headers()
         handler.wfile.flush()
         outbox: queue.Queue[tuple[bytes, bool] | None] = queue.Queue()
+        time.sleep(self.ws_register_delay_s)
         with self.sockets_lock:
             self.sockets[client_id] = outbox
             self.ws_connects += 1
+            if self._closed:
+                outbox.put(None)
         sock = handler.connection
         first = {
             "type": "status",
@@ -391,6 +402,10 @@ class FakeComfyUI:
                 if self.sockets.get(client_id) is outbox:
                     del self.sockets[client_id]
             handler.close_connection = True
+            # Wakes the reader from its recv even when the client keeps its end open.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            reader.join(timeout=5)
 
 
 def _read_client(sock: Any, outbox: queue.Queue[Any], replies: queue.Queue[bytes]) -> None:

@@ -94,6 +94,19 @@ def serve_in_thread(handler: type[BaseHTTPRequestHandler], *, tls: bool = False)
     try:
         yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        _stop(server, thread)
+
+
+STOP_TIMEOUT_S = 10.0
+
+
+def _stop(server: ThreadingHTTPServer, thread: threading.Thread) -> None:
+    """Stop serving within ``STOP_TIMEOUT_S`` or fail the test: ``shutdown()`` alone waits
+    without a deadline for ``serve_forever`` to notice. Handler threads are daemons that no
+    one waits for (a websocket handler lives as long as its client)."""
+    stopper = threading.Thread(target=server.shutdown, name="fake-http-stop", daemon=True)
+    stopper.start()
+    thread.join(timeout=STOP_TIMEOUT_S)
+    server.server_close()
+    if thread.is_alive():
+        raise RuntimeError(f"the fake server on port {server.server_address[1]} did not stop in {STOP_TIMEOUT_S:g} s")

@@ -188,6 +188,29 @@ async def test_renders_share_one_websocket_and_get_their_own_events(fake, workfl
         assert [f for f, _ in progress if f is not None] == [1 / 3, 2 / 3, 1.0]
 
 
+async def test_a_prompt_posted_as_soon_as_the_socket_opens_is_followed_on_it(fake, workflows):
+    # ComfyUI answers the /ws handshake before it files the socket under our client id: a
+    # prompt posted in between would run with its events sent nowhere (how the suite hung
+    # under load). The render waits for the server's first frame before posting.
+    fake.ws_register_delay_s = 0.3
+    progress: list[Any] = []
+    async with make(fake, workflows, events_quiet_s=600) as generator:
+        async with asyncio.timeout(DEADLINE):
+            result = await generator.generate(job(progress))
+    assert len(result.images) == 1
+    assert [f for f, _ in progress if f is not None] == [1 / 3, 2 / 3, 1.0]
+    assert "/history/" not in " ".join(fake.paths())
+
+
+async def test_a_socket_that_never_sends_its_first_frame_is_given_up_for_polling(fake, workflows):
+    fake.ws_register_delay_s = 5.0  # longer than request_timeout_s, which bounds opening /ws
+    async with make(fake, workflows, request_timeout_s=2.0, events_quiet_s=600) as generator:
+        async with asyncio.timeout(DEADLINE):
+            result = await generator.generate(job())
+    assert len(result.images) == 1 and fake.ws_connects == 0
+    assert any(p.startswith("/history/") for p in fake.paths("GET"))
+
+
 async def test_an_older_server_that_assigns_its_own_prompt_ids(fake, workflows):
     fake.honour_prompt_id = False
     progress: list[Any] = []

@@ -3,7 +3,8 @@
 ComfyUI sends a client the events of every prompt posted with its client id, plus queue
 ``status`` broadcasts and binary preview frames. Keeping one socket open (as ComfyUI's own
 front end does) saves a connection and a close handshake per render; a render subscribes
-with the prompt id it chose *before* posting, so no event can arrive unrouted. When the
+with the prompt id it chose *before* posting, so no event can arrive unrouted, and only once
+the server's first frame shows that it files the socket under our client id. When the
 socket drops, every subscriber is told (``None``) and falls back to polling ``/history``;
 the next render connects again.
 """
@@ -45,19 +46,38 @@ class EventHub:
             if self._socket is None:
                 if self._session is None:
                     self._session = aiohttp.ClientSession()
-                timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.open_timeout)
-                try:
-                    async with asyncio.timeout(self.open_timeout):
-                        self._socket = await self._session.ws_connect(
-                            self.url, timeout=timeout, max_msg_size=MAX_MESSAGE_BYTES, compress=0
-                        )
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    logger.warning("%s: no websocket (%s); polling /history instead", self.name, exc)
+                socket = await self._open(self._session)
+                if socket is None:
                     return None
-                self._reader = asyncio.get_running_loop().create_task(self._read(self._socket))
+                self._socket = socket
+                self._reader = asyncio.get_running_loop().create_task(self._read(socket))
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._subscribers[prompt_id] = queue
         return queue
+
+    async def _open(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse | None:
+        """A socket the server routes our client id's events to, or None (poll instead).
+
+        ComfyUI answers the handshake *before* it files the socket under our client id, then
+        sends a ``status`` frame: a prompt posted in between would run with its events sent
+        nowhere. Waiting for that first frame closes the gap.
+        """
+        timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=self.open_timeout)
+        socket: aiohttp.ClientWebSocketResponse | None = None
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                socket = await session.ws_connect(self.url, timeout=timeout, max_msg_size=MAX_MESSAGE_BYTES, compress=0)
+                first = await socket.receive()
+            if first.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                self._route(first)
+                return socket
+            problem = f"it closed before its first message ({socket.exception() or socket.close_code})"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            problem = str(exc) or type(exc).__name__
+        logger.warning("%s: no websocket (%s); polling /history instead", self.name, problem)
+        if socket is not None:
+            await _close(socket, self.open_timeout)
+        return None
 
     def unsubscribe(self, prompt_id: str) -> None:
         self._subscribers.pop(prompt_id, None)
@@ -73,24 +93,27 @@ class EventHub:
             if prompt_id == assigned:
                 queue.put_nowait(event)
 
+    def _route(self, message: aiohttp.WSMessage) -> None:
+        if message.type is not aiohttp.WSMsgType.TEXT:
+            return  # binary: a preview image (4-byte event type, 4-byte format, bytes)
+        try:
+            event = json.loads(message.data)
+            prompt_id = event["data"].get("prompt_id")
+        except (ValueError, TypeError, KeyError, AttributeError):
+            logger.debug("%s: ignoring a websocket frame that is not an event", self.name)
+            return
+        if not isinstance(prompt_id, str):
+            return  # queue status broadcasts
+        queue = self._subscribers.get(prompt_id)
+        if queue is not None:
+            queue.put_nowait(event)
+        else:
+            self._unrouted.append((prompt_id, event))
+
     async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         try:
             async for message in socket:  # ends on a close frame or a dropped connection
-                if message.type is not aiohttp.WSMsgType.TEXT:
-                    continue  # binary: a preview image (4-byte event type, 4-byte format, bytes)
-                try:
-                    event = json.loads(message.data)
-                    prompt_id = event["data"].get("prompt_id")
-                except (ValueError, TypeError, KeyError, AttributeError):
-                    logger.debug("%s: ignoring a websocket frame that is not an event", self.name)
-                    continue
-                if not isinstance(prompt_id, str):
-                    continue  # queue status broadcasts
-                queue = self._subscribers.get(prompt_id)
-                if queue is not None:
-                    queue.put_nowait(event)
-                else:
-                    self._unrouted.append((prompt_id, event))
+                self._route(message)
             if self._socket is socket:  # not closed by aclose(): the server went away
                 logger.warning("%s: websocket closed (%s)", self.name, socket.exception() or socket.close_code)
         except (aiohttp.ClientError, OSError) as exc:
@@ -105,10 +128,20 @@ class EventHub:
         reader, socket, session = self._reader, self._socket, self._session
         self._reader = self._socket = self._session = None
         if socket is not None:
-            await socket.close()
+            await _close(socket, self.open_timeout)
         if reader is not None:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         if session is not None:
-            await session.close()
+            await session.close()  # also drops a connection whose close handshake timed out
+
+
+async def _close(socket: aiohttp.ClientWebSocketResponse, seconds: float) -> None:
+    """The close handshake, bounded: aiohttp bounds the wait for the server's reply
+    (``ws_close``) but not sending our close frame to a server that stopped reading."""
+    try:
+        async with asyncio.timeout(seconds):
+            await socket.close()
+    except TimeoutError:
+        logger.debug("websocket close handshake timed out; dropping the connection")
