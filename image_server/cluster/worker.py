@@ -215,8 +215,12 @@ class Worker:
 
     # -- loops ------------------------------------------------------------------------
 
+    # Both loops also end on ``_stopping``, not only on cancel: nats-py can turn a cancel
+    # into a result or an error (on Python 3.11 ``wait_for`` inside ``next_msg`` returns a
+    # message that arrived as it was cancelled; a closed connection raises
+    # ConnectionClosedError), and a loop that went on would hold ``shutdown`` forever.
     async def _pull_loop(self, cluster: Cluster) -> None:
-        while True:
+        while not self._stopping.is_set():
             await self._slots.acquire()
             self._work.clear()
             try:
@@ -240,7 +244,7 @@ class Worker:
     async def _next(self, cluster: Cluster) -> Msg | None:
         """The next request, highest band first, without waiting for one."""
         for puller in self._pullers:
-            if puller.maybe_work:
+            if puller.maybe_work and not self._stopping.is_set():
                 msg = await puller.next(timeout=cluster.config.connect_timeout_s)
                 if msg is not None:
                     return msg
@@ -260,7 +264,7 @@ class Worker:
     async def _heartbeat_loop(self, cluster: Cluster) -> None:
         host = socket.gethostname()
         key = names.token(self.worker_id)
-        while True:
+        while not self._stopping.is_set():
             beat = WorkerStatus(
                 worker_id=self.worker_id,
                 host=host,
