@@ -26,7 +26,7 @@ from image_server.outbox import Outbox, Terminal
 from image_server.outcomes import error_event
 from image_server.pipeline import RenderPipeline, RenderPlan
 from image_server.precheck import has_embedded_references, precheck_embedded_references
-from image_server.progress import ProgressRelay
+from image_server.progress_relay import ProgressRelay
 from image_server.shares import ClientShares
 from schemas import BatchDone, ImageReady, RenderError, RenderRequest
 
