@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -31,19 +33,19 @@ def draw(style: Style, *, width: int, height: int, seed: int, prompt: str, lines
     """
     rng = random.Random(hashlib.sha256(f"{style}\0{seed}\0{prompt}".encode()).digest())
     background = _colour(rng)
-    font = _font(width, height)
+    face = _face(width, height)
     if style == "simple":
         image = Image.new("RGB", (width, height), background)
-        _write(image, _wrap(prompt, font, width - 16, height - 16), font, _ink(background), centred=True)
+        _write(image, _wrap(prompt, face, width - 16, height - 16), face, _ink(background), centred=True)
     elif style == "detailed":
         image = _gradient(width, height, background, _colour(rng))
         _shapes(image, rng)
-        _write(image, _wrap(prompt, font, width - 16, height // 2), font, (255, 255, 255), centred=True, band=True)
+        _write(image, _wrap(prompt, face, width - 16, height // 2), face, (255, 255, 255), centred=True, band=True)
     else:
         dark: RGB = (background[0] // 5, background[1] // 5, background[2] // 5)
         image = Image.new("RGB", (width, height), dark)
-        wrapped = [piece for line in lines for piece in _wrap(line, font, width - 16, height)]
-        _write(image, _fit_lines(wrapped, font, height - 16), font, (230, 230, 230), centred=False)
+        wrapped = [piece for line in lines for piece in _wrap(line, face, width - 16, height)]
+        _write(image, _fit_lines(wrapped, face, height - 16), face, (230, 230, 230), centred=False)
     return image
 
 
@@ -88,10 +90,30 @@ def _shapes(image: Image.Image, rng: random.Random) -> None:
             canvas.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=fill)
 
 
-def _font(width: int, height: int) -> Font:
-    # Pillow's embedded font needs no font files; without FreeType it falls back to a fixed
-    # bitmap font and ignores the size.
-    return ImageFont.load_default(size=max(8, min(width, height) // 24))
+@dataclass(frozen=True)
+class _Face:
+    """A font of one size with the measures every picture needs, measured once."""
+
+    font: Font
+    line_height: int
+    space: float
+
+
+# FreeType faces are not safe to share between threads that render at the same time, so each
+# worker thread keeps its own (a handful of sizes); loading one decodes the embedded font.
+_faces = threading.local()
+
+
+def _face(width: int, height: int) -> _Face:
+    size = max(8, min(width, height) // 24)
+    cache: dict[int, _Face] = _faces.__dict__.setdefault("by_size", {})
+    face = cache.get(size)
+    if face is None:
+        # Pillow's embedded font needs no font files; without FreeType it falls back to a
+        # fixed bitmap font and ignores the size.
+        font = ImageFont.load_default(size=size)
+        face = cache[size] = _Face(font, int(font.getbbox("Ag")[3]) + 4, font.getlength(" "))
+    return face
 
 
 def _printable(text: str, font: Font) -> str:
@@ -101,50 +123,68 @@ def _printable(text: str, font: Font) -> str:
     return text.encode("latin-1", "replace").decode("latin-1")
 
 
-def _line_height(font: Font) -> int:
-    return int(font.getbbox("Ag")[3]) + 4
+def _wrap(text: str, face: _Face, max_width: int, max_height: int) -> list[str]:
+    """Greedy word wrap, breaking over-long words, stopping once the lines fill ``max_height``.
 
-
-def _wrap(text: str, font: Font, max_width: int, max_height: int) -> list[str]:
-    """Greedy word wrap, breaking over-long words, stopping once the lines fill ``max_height``."""
-    max_lines = max(1, max_height // _line_height(font))
+    Text measuring is most of the drawing time, so the whole text is measured first (a prompt
+    usually fits one line) and otherwise each word once, lines adding up their words' widths.
+    """
+    font = face.font
+    words = _printable(text, font).split()
+    joined = " ".join(words)
+    if not words or font.getlength(joined) <= max_width:
+        return [joined] if words else []
+    max_lines = max(1, max_height // face.line_height)
     lines: list[str] = []
-    current = ""
-    for word in _printable(text, font).split():
+    current: list[str] = []
+    current_width = 0.0
+    for word in words:
+        word_width = font.getlength(word)
         while word:
-            candidate = f"{current} {word}" if current else word
-            if font.getlength(candidate) <= max_width:
-                current, word = candidate, ""
+            added = word_width + (face.space if current else 0.0)
+            if current_width + added <= max_width:
+                current.append(word)
+                current_width += added
+                word = ""
             elif current:
-                lines.append(current)
-                current = ""
+                lines.append(" ".join(current))
+                current, current_width = [], 0.0
             else:  # a single word wider than the line: cut it
-                cut = max(1, len(word) * max_width // max(1, int(font.getlength(word))))
+                cut = max(1, len(word) * max_width // max(1, int(word_width)))
                 lines.append(word[:cut])
                 word = word[cut:]
+                word_width = font.getlength(word) if word else 0.0
             if len(lines) > max_lines:
-                return _fit_lines(lines, font, max_height)
+                return _fit_lines(lines, face, max_height)
     if current:
-        lines.append(current)
-    return _fit_lines(lines, font, max_height)
+        lines.append(" ".join(current))
+    return _fit_lines(lines, face, max_height)
 
 
-def _fit_lines(lines: list[str], font: Font, max_height: int) -> list[str]:
-    max_lines = max(1, max_height // _line_height(font))
+def _fit_lines(lines: list[str], face: _Face, max_height: int) -> list[str]:
+    max_lines = max(1, max_height // face.line_height)
     if len(lines) <= max_lines:
         return lines
     return [*lines[: max_lines - 1], lines[max_lines - 1] + " ..."]
 
 
 def _write(
-    image: Image.Image, lines: Sequence[str], font: Font, fill: RGB, *, centred: bool, band: bool = False
+    image: Image.Image, lines: Sequence[str], face: _Face, fill: RGB, *, centred: bool, band: bool = False
 ) -> None:
     width, height = image.size
-    step = _line_height(font)
+    font, step = face.font, face.line_height
     top = (height - step * len(lines)) // 2 if centred else 8
-    canvas = ImageDraw.Draw(image, "RGBA")
+    # Opaque text needs no blending layer; only the translucent band does.
+    canvas = ImageDraw.Draw(image, "RGBA") if band else ImageDraw.Draw(image)
     if band and lines:
         canvas.rectangle((0, top - 6, width, top + step * len(lines) + 6), fill=(0, 0, 0, 140))
+    # FreeType centres a line itself (anchor "ma": middle, ascender); the bitmap fallback
+    # font takes no anchor and is measured.
+    anchored = centred and isinstance(font, ImageFont.FreeTypeFont)
     for index, line in enumerate(lines):
-        left = (width - int(font.getlength(line))) // 2 if centred else 8
-        canvas.text((left, top + index * step), line, font=font, fill=fill)
+        y = top + index * step
+        if anchored:
+            canvas.text((width / 2, y), line, font=font, fill=fill, anchor="ma")
+        else:
+            left = (width - int(font.getlength(line))) // 2 if centred else 8
+            canvas.text((left, y), line, font=font, fill=fill)
