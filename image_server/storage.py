@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from image_server.encoding import encode_lossy, encode_png
 from image_server.errors import StorageFailed
 from image_server.formats import image_format_of
 from image_server.generators.base import GeneratedImage
@@ -29,8 +30,6 @@ from schemas import DeliveryMode, OutputFormat, OutputImage, RenderRequest
 
 EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-JPEG_QUALITY = 92
-WEBP_QUALITY = 90
 # Below this, storing images that arrive encoded and leave as frames or inline data (hash,
 # size from the header, PNG text chunks) takes tens of microseconds: less than a thread hop.
 QUICK_STORE_BYTES = 32 * 1024
@@ -216,21 +215,9 @@ class OutputStore:
         return _Encoded(self._encode_pixels(picture, fmt, texts), picture.width, picture.height)
 
     def _encode_pixels(self, picture: Image.Image, fmt: OutputFormat, texts: Mapping[str, str]) -> bytes:
-        buffer = io.BytesIO()
         if fmt == "png":
-            info = PngImagePlugin.PngInfo()
-            for key, text in texts.items():
-                info.add_itxt(key, text)
-            picture.save(buffer, "PNG", compress_level=self.png_compress_level, pnginfo=info)
-        elif fmt == "jpeg":
-            if picture.mode not in ("RGB", "L"):
-                picture = picture.convert("RGB")
-            picture.save(buffer, "JPEG", quality=JPEG_QUALITY)
-        else:
-            if picture.mode not in ("RGB", "RGBA"):
-                picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
-            picture.save(buffer, "WEBP", quality=WEBP_QUALITY)
-        return buffer.getvalue()
+            return encode_png(picture, texts, compress_level=self.png_compress_level)
+        return encode_lossy(picture, fmt)
 
 
 def _passthrough(image: GeneratedImage) -> OutputImage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -28,3 +29,17 @@ class MockConfig(GeneratorConfig):
     max_prompt_chars: int | None = Field(default=None, ge=1)
     # Serve the images in this folder (chosen by seed) instead of drawing new ones.
     image_dir: Path | None = None
+    # Drawing processes for JPEG and WebP pictures (drawing and encoding hold the GIL, so
+    # threads cannot use a second core): 0 draws in threads; unset, one per core (at most 4)
+    # on a machine with 2 cores or more, none on one core. Started by the first render that
+    # needs them, ended with the generator.
+    processes: int | None = Field(default=None, ge=0, le=32)
+    # Smaller pictures stay in a thread: sending them to a process costs more than it saves.
+    process_min_pixels: int = Field(default=512 * 512, ge=0)
+
+    def drawing_processes(self) -> int:
+        """How many drawing processes ``processes`` means on this machine."""
+        if self.processes is not None:
+            return self.processes
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(cores, 4) if cores >= 2 else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, ClassVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from image_server.encoding import LOSSY_FORMATS, encode_lossy
 from image_server.errors import ConfigError, GenerationFailed
 from image_server.formats import image_format_of
 from image_server.generators.base import (
@@ -29,8 +31,11 @@ from image_server.generators.base import (
     RenderJob,
 )
 from image_server.generators.mock.config import MockConfig
-from image_server.generators.mock.drawing import STYLES, Style, blend_reference, derive_seed, draw
+from image_server.generators.mock.drawing import STYLES, Style, blend_reference, derive_seed
+from image_server.generators.mock.pool import DrawingFailed, DrawingPool, PoolUnavailable, WorkerLost
+from image_server.generators.mock.render import Sketch, picture
 
+logger = logging.getLogger(__name__)
 MockHandler = Callable[[RenderJob], "GenerationResult | None | Awaitable[GenerationResult | None]"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
@@ -57,6 +62,9 @@ class MockGenerator(Generator):
         super().__init__(config, name=name, environ=environ)
         self._handler = handler
         self._folder_images: list[Path] | None = None
+        self._processes = self.config.drawing_processes()
+        self._pool: DrawingPool | None = None
+        self._closed = False
 
     @property
     def capabilities(self) -> Capabilities:
@@ -79,6 +87,18 @@ class MockGenerator(Generator):
 
     async def health(self) -> HealthReport:
         return HealthReport(ok=True, detail="mock generator: always available")
+
+    async def aclose(self) -> None:
+        """End the drawing processes (idempotent)."""
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.aclose()
+
+    @property
+    def drawing_pids(self) -> list[int]:
+        """The process ids of the drawing processes running now (none until one is needed)."""
+        return self._pool.pids if self._pool is not None else []
 
     async def generate(self, job: RenderJob) -> GenerationResult:
         """Run the handler (if any); unless it returned a result, wait, maybe fail, then draw."""
@@ -113,14 +133,65 @@ class MockGenerator(Generator):
         style = _STYLE_NAMES.get((request.style or "").lower(), config.style)
         strength = request.strength if request.strength is not None else DEFAULT_STRENGTH
         job.progress(None, "drawing")
-        images = await asyncio.to_thread(self._render_all, job, seed, style, strength)
+        # JPEG and WebP are encoded here, in the same hop as the drawing (or in a drawing
+        # process); the store keeps such bytes as they are. PNG stays pixels: the store
+        # applies the service's compress level.
+        encode_as = request.output_format if request.output_format in LOSSY_FORMATS else None
+        images: list[GeneratedImage] | None = None
+        if encode_as is not None and self._in_processes(job):
+            images = await self._render_in_processes(job, seed, style, encode_as)
+        if images is None:
+            images = await asyncio.to_thread(self._render_all, job, seed, style, strength, encode_as)
         applied: dict[str, Any] = {"width": images[0].width, "height": images[0].height, "seed": seed, "style": style}
         if job.references:
             applied["strength"] = strength
         return GenerationResult(images=images, prompt=request.prompt, applied=applied)
 
-    def _render_all(self, job: RenderJob, seed: int, style: Style, strength: float) -> list[GeneratedImage]:
-        """Blocking: draw (or load) every image of the request."""
+    def _in_processes(self, job: RenderJob) -> bool:
+        """Drawn pictures big enough to be worth a process (folder images and blends stay here)."""
+        return (
+            self._processes > 0
+            and not self._closed
+            and self._folder_images is None
+            and not job.references
+            and job.width * job.height >= self.config.process_min_pixels
+        )
+
+    async def _render_in_processes(
+        self, job: RenderJob, seed: int, style: Style, encode_as: str
+    ) -> list[GeneratedImage] | None:
+        """Every image drawn and encoded in the drawing processes, side by side; None if no
+        process can be started (the caller draws in a thread)."""
+        if self._pool is None:
+            self._pool = DrawingPool(self._processes)
+        sketches = [self._sketch(job, seed + index, style, index, encode_as) for index in range(job.request.num_images)]
+        try:
+            encoded = await asyncio.gather(*(self._pool.render(sketch) for sketch in sketches))
+        except PoolUnavailable as exc:
+            if not self._closed:
+                logger.warning("generator %s: %s; drawing in threads from now on", self.name, exc)
+                self._processes = 0
+            return None
+        except (WorkerLost, DrawingFailed) as exc:
+            raise GenerationFailed(
+                f"{self.name}: {exc}",
+                request_id=job.request.request_id,
+                generator=self.name,
+                retryable=isinstance(exc, WorkerLost),  # a lost process is replaced for the next try
+            ) from exc
+        return [
+            GeneratedImage(data=data, format=encode_as, width=sketch.width, height=sketch.height, seed=sketch.seed)
+            for sketch, data in zip(sketches, encoded, strict=True)
+        ]
+
+    def _sketch(self, job: RenderJob, seed: int, style: Style, index: int, encode_as: str | None) -> Sketch:
+        lines = tuple(self._debug_lines(job, seed, style, index)) if style == "debug" else ()
+        return Sketch(style, job.width, job.height, seed, job.request.prompt, lines, encode_as)
+
+    def _render_all(
+        self, job: RenderJob, seed: int, style: Style, strength: float, encode_as: str | None
+    ) -> list[GeneratedImage]:
+        """Blocking: draw (or load) every image of the request, encoded as ``encode_as`` if set."""
         reference = job.references[0].to_pil(at_least=(job.width, job.height)) if job.references else None
         images: list[GeneratedImage] = []
         for index in range(job.request.num_images):
@@ -130,15 +201,12 @@ class MockGenerator(Generator):
                 if isinstance(served, GeneratedImage):
                     images.append(served)
                     continue
-                picture = served
+                drawn = served
             else:
-                lines = self._debug_lines(job, image_seed, style, index) if style == "debug" else ()
-                picture = draw(
-                    style, width=job.width, height=job.height, seed=image_seed, prompt=job.request.prompt, lines=lines
-                )
+                drawn = picture(self._sketch(job, image_seed, style, index, encode_as))
             if reference is not None:
-                picture = blend_reference(picture, reference, strength)
-            images.append(GeneratedImage(image=picture, width=picture.width, height=picture.height, seed=image_seed))
+                drawn = blend_reference(drawn, reference, strength)
+            images.append(_finished(drawn, image_seed, encode_as))
         return images
 
     def _from_folder(
@@ -179,6 +247,15 @@ class MockGenerator(Generator):
             lines.append(f"negative_prompt: {request.negative_prompt}")
         lines.append(f"prompt: {request.prompt}")
         return lines
+
+
+def _finished(drawn: Image.Image, seed: int, encode_as: str | None) -> GeneratedImage:
+    """The picture as the store should get it: encoded when ``encode_as`` is set."""
+    if encode_as is None:
+        return GeneratedImage(image=drawn, width=drawn.width, height=drawn.height, seed=seed)
+    return GeneratedImage(
+        data=encode_lossy(drawn, encode_as), format=encode_as, width=drawn.width, height=drawn.height, seed=seed
+    )
 
 
 def _list_images(folder: Path, name: str) -> list[Path]:
