@@ -107,17 +107,27 @@ class ServiceProcess:
 
     def thread_cpu_ns(self) -> dict[str, int]:
         """CPU time so far per thread group, from /proc/<pid>/task/*/schedstat (ns, exact):
-        ``main`` (the event loop), ``zmq_io`` (libzmq's I/O threads) and ``other`` (the
-        journal writer and the executor's workers)."""
-        totals = {"main": 0, "zmq_io": 0, "other": 0}
+        ``main`` (the event loop), ``zmq_io`` (libzmq's I/O threads), ``other`` (the
+        journal writer and the executor's workers) and ``children`` (the service's child
+        processes, such as the mock's drawing processes, all their threads)."""
+        totals = {"main": 0, "zmq_io": 0, "other": 0, "children": 0}
+        children: list[str] = []
         for task in Path(f"/proc/{self.pid}/task").iterdir():
             try:
                 runtime = int((task / "schedstat").read_text().split()[0])
                 name = (task / "comm").read_text().strip()
+                children += (task / "children").read_text().split()
             except FileNotFoundError:  # the thread ended meanwhile
                 continue
             group = "main" if task.name == str(self.pid) else "zmq_io" if name.startswith("ZMQbg/IO") else "other"
             totals[group] += runtime
+        for child in children:
+            try:
+                totals["children"] += sum(
+                    int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{child}/task").iterdir()
+                )
+            except FileNotFoundError:  # the child ended meanwhile
+                continue
         return totals
 
     def rss_kib(self) -> int:

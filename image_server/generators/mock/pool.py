@@ -28,15 +28,13 @@ _PACKAGES = (
     ("image_server.generators", str(_HERE.parent)),
     ("image_server.generators.mock", str(_HERE)),
 )
-_BOOTSTRAP = f"""
-import sys, types
-for name, path in {_PACKAGES!r}:
-    package = types.ModuleType(name)
-    package.__path__ = [path]
-    sys.modules[name] = package
-from image_server.generators.mock.worker import main
-main()
-"""
+# One line (argv: package names and folders), so that ps and profilers show it whole.
+_BOOTSTRAP = (
+    "import sys, types; names, folders = sys.argv[1::2], sys.argv[2::2]; "
+    "sys.modules.update({name: types.ModuleType(name) for name in names}); "
+    "[setattr(sys.modules[name], '__path__', [folder]) for name, folder in zip(names, folders)]; "
+    "from image_server.generators.mock.worker import main; main()"
+)
 STOP_TIMEOUT_S = 5.0
 
 
@@ -151,6 +149,7 @@ class DrawingPool:
                 "-P",  # not the working directory's modules: only the interpreter's and ours
                 "-c",
                 _BOOTSTRAP,
+                *(part for package in _PACKAGES for part in package),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 limit=1 << 20,
