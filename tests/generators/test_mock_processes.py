@@ -123,6 +123,12 @@ async def test_a_child_killed_mid_job_fails_it_retryably_and_is_replaced() -> No
         assert again.images[0].data is not None
         (second,) = mock.drawing_pids
         assert second != first and running(second) and not running(first)
+        # One that dies between jobs costs no job: the next one goes to a new process.
+        os.kill(second, signal.SIGKILL)
+        await until(lambda: mock.drawing_pids == [])
+        assert (await mock.generate(job("after-idle-death"))).images[0].data is not None
+        (third,) = mock.drawing_pids
+        assert third not in (first, second)
 
 
 async def test_closing_the_generator_ends_its_processes() -> None:

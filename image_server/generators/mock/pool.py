@@ -99,7 +99,7 @@ class DrawingPool:
     @property
     def pids(self) -> list[int]:
         """The running children's process ids."""
-        return sorted(child.pid for child in self._children)
+        return sorted(child.pid for child in self._children if child.process.returncode is None)
 
     async def render(self, sketch: Sketch) -> bytes:
         """The sketch drawn and encoded by a child process."""
@@ -123,8 +123,11 @@ class DrawingPool:
     async def _acquire(self) -> _Child:
         if self._closed:
             raise PoolUnavailable("the drawing pool was closed")
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            idle = self._idle.pop()
+            if idle.process.returncode is None:
+                return idle
+            self._discard(idle)  # ended while idle (killed, out of memory): not this job's fault
         if len(self._children) + self._starting < self.size:
             self._starting += 1
             return await self._start()
