@@ -131,6 +131,21 @@ async def test_a_child_killed_mid_job_fails_it_retryably_and_is_replaced() -> No
         assert third not in (first, second)
 
 
+async def test_a_cancelled_render_leaves_the_process_to_the_next_one() -> None:
+    async with generator(0) as in_thread, generator(1) as mock:
+        expected = (await in_thread.generate(job("next"))).images[0].data
+        await mock.generate(job("warm"))
+        (pid,) = mock.drawing_pids
+        slow = asyncio.create_task(mock.generate(job("slow", side=4096, fmt="webp")))
+        await asyncio.sleep(0)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        # Queued behind the cancelled job in the same process: its own answer, not that one's.
+        after = await mock.generate(job("next"))
+        assert after.images[0].data == expected and mock.drawing_pids == [pid]
+
+
 async def test_closing_the_generator_ends_its_processes() -> None:
     mock = generator(2)
     async with mock:

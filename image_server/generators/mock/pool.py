@@ -3,18 +3,20 @@
 Drawing text and encoding JPEG hold the GIL most of the time, so worker threads cannot run
 them side by side (505 images/s on one thread, 452 on two, 899 in two processes, 1024x1024
 JPEG). The pool starts up to ``size`` child processes (``mock.worker``) when a render first
-needs one, keeps them, and gives each one job at a time; the event loop talks to them over
-their stdin/stdout, so no management thread competes for the GIL. A child that dies
-mid-job fails that job (``WorkerLost``) and a new one is started for the next job.
+needs one and keeps them; the event loop talks to them over their stdin/stdout, so no
+management thread competes for the GIL. Each child holds at most ``DEPTH`` jobs: the one it
+draws and the next, already in its pipe, so in a burst it never sleeps waiting for the
+loop to feed it (and writing to a busy child costs no wake-up). A child that dies fails
+the jobs it held (``WorkerLost``) and a new one is started for the next job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from image_server.generators.mock.render import Sketch
@@ -35,6 +37,7 @@ _BOOTSTRAP = (
     "[setattr(sys.modules[name], '__path__', [folder]) for name, folder in zip(names, folders)]; "
     "from image_server.generators.mock.worker import main; main()"
 )
+DEPTH = 2  # jobs a child holds: the one it draws and the next
 STOP_TIMEOUT_S = 5.0
 
 
@@ -51,29 +54,51 @@ class PoolUnavailable(Exception):
 
 
 class _Child:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    """One drawing process and the jobs it holds, answered in the order they were sent."""
+
+    def __init__(self, process: asyncio.subprocess.Process, changed: Callable[[_Child], None]) -> None:
         self.process = process
+        self.pending: collections.deque[asyncio.Future[bytes]] = collections.deque()
+        self.lost = False
+        self._changed = changed
+        self.reader = asyncio.get_running_loop().create_task(self._read_answers())
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    async def exchange(self, job: bytes) -> bytes:
-        stdin, stdout = self.process.stdin, self.process.stdout
-        assert stdin is not None and stdout is not None
+    def submit(self, job: bytes) -> asyncio.Future[bytes]:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        assert self.process.stdin is not None
+        # No drain: a job is a few hundred bytes and a child holds DEPTH of them.
+        self.process.stdin.write(job)
+        return future
+
+    async def _read_answers(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
         try:
-            stdin.write(job)
-            await stdin.drain()
-            status, size = ANSWER_HEADER.unpack(await stdout.readexactly(ANSWER_HEADER.size))
-            payload = await stdout.readexactly(size)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise WorkerLost(f"drawing process {self.pid} ended mid-job") from exc
-        if status != OK:
-            raise DrawingFailed(payload.decode(errors="replace"))
-        return payload
+            while True:
+                status, size = ANSWER_HEADER.unpack(await stdout.readexactly(ANSWER_HEADER.size))
+                payload = await stdout.readexactly(size)
+                future = self.pending.popleft()
+                if not future.done():  # done: its render was cancelled
+                    if status == OK:
+                        future.set_result(payload)
+                    else:
+                        future.set_exception(DrawingFailed(payload.decode(errors="replace")))
+                self._changed(self)
+        except (asyncio.IncompleteReadError, ConnectionError, IndexError):
+            self.lost = True
+            while self.pending:
+                future = self.pending.popleft()
+                if not future.done():
+                    future.set_exception(WorkerLost(f"drawing process {self.pid} ended mid-job"))
+            self._changed(self)
 
     async def stop(self) -> None:
-        """End of file first (the child exits after its job); killed if it does not."""
+        """End of file first (the child exits after the jobs it holds); killed if it does not."""
         if self.process.returncode is None and self.process.stdin is not None:
             self.process.stdin.close()
         try:
@@ -81,6 +106,7 @@ class _Child:
         except TimeoutError:
             self.process.kill()
             await self.process.wait()
+        await self.reader
 
 
 class DrawingPool:
@@ -88,27 +114,23 @@ class DrawingPool:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._children: set[_Child] = set()
-        self._idle: list[_Child] = []
+        self._children: list[_Child] = []
         self._starting = 0
-        # Each waiter gets an idle child, or None: room to start one itself.
-        self._waiters: collections.deque[asyncio.Future[_Child | None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._stopping: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
     def pids(self) -> list[int]:
         """The running children's process ids."""
-        return sorted(child.pid for child in self._children if child.process.returncode is None)
+        return sorted(child.pid for child in self._children if not child.lost and child.process.returncode is None)
 
     async def render(self, sketch: Sketch) -> bytes:
         """The sketch drawn and encoded by a child process."""
         payload = pickle.dumps(sketch, protocol=pickle.HIGHEST_PROTOCOL)
-        child = await self._acquire()
-        exchange = asyncio.ensure_future(child.exchange(JOB_HEADER.pack(len(payload)) + payload))
-        exchange.add_done_callback(functools.partial(self._settle, child))
-        # A cancelled render leaves the exchange running: the child is reused once it answered.
-        return await asyncio.shield(exchange)
+        child = await self._choose()
+        # Cancelling this render cancels the future; the child's answer is then read and dropped.
+        return await child.submit(JOB_HEADER.pack(len(payload)) + payload)
 
     async def aclose(self) -> None:
         """Stop every child (idempotent); renders waiting for one fail with PoolUnavailable."""
@@ -117,35 +139,35 @@ class DrawingPool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(PoolUnavailable("the drawing pool was closed"))
-        children, self._children, self._idle = list(self._children), set(), []
+        children, self._children = self._children, []
         await asyncio.gather(*(child.stop() for child in children), *self._stopping)
 
-    async def _acquire(self) -> _Child:
-        if self._closed:
-            raise PoolUnavailable("the drawing pool was closed")
-        while self._idle:
-            idle = self._idle.pop()
-            if idle.process.returncode is None:
-                return idle
-            self._discard(idle)  # ended while idle (killed, out of memory): not this job's fault
-        if len(self._children) + self._starting < self.size:
-            self._starting += 1
-            return await self._start()
-        waiter: asyncio.Future[_Child | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            child = await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                handed = waiter.result()
-                if handed is None:
-                    self._starting -= 1
-                self._hand_on(handed)
-            raise
-        return child if child is not None else await self._start()
+    async def _choose(self) -> _Child:
+        """An idle child; else a new one while there is room; else the least busy one with
+        room for a job; else wait until one has."""
+        while True:
+            if self._closed:
+                raise PoolUnavailable("the drawing pool was closed")
+            live = [child for child in self._children if not child.lost]
+            idle = [child for child in live if not child.pending]
+            if idle:
+                return idle[0]
+            if len(self._children) + self._starting < self.size:
+                return await self._start()
+            open_ = [child for child in live if len(child.pending) < DEPTH]
+            if open_:
+                return min(open_, key=lambda child: len(child.pending))
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake()  # the room it was woken for goes to the next one
+                raise
 
     async def _start(self) -> _Child:
-        """Start a child in the room reserved for it (``_starting`` counts it already)."""
+        self._starting += 1
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -158,45 +180,35 @@ class DrawingPool:
                 limit=1 << 20,
             )
         except OSError as exc:
-            self._hand_on(None)
             raise PoolUnavailable(f"cannot start a drawing process: {exc}") from exc
         finally:
             self._starting -= 1
-        child = _Child(process)
-        self._children.add(child)
+        child = _Child(process, self._changed)
+        self._children.append(child)
         if self._closed:
-            self._discard(child)
+            self._retire(child)
             raise PoolUnavailable("the drawing pool was closed")
+        self._wake()  # a waiter may queue its job behind this one's
         return child
 
-    def _settle(self, child: _Child, exchange: asyncio.Future[bytes]) -> None:
-        if exchange.cancelled() or isinstance(exchange.exception(), WorkerLost):
-            self._discard(child)
-        elif child in self._children:
-            self._hand_on(child)
+    def _changed(self, child: _Child) -> None:
+        """A child answered (room for a job) or was lost (room for a new child)."""
+        if child.lost and child in self._children:
+            self._retire(child)
+        if not self._closed:
+            self._wake()
 
-    def _hand_on(self, child: _Child | None) -> None:
-        """Give ``child`` (or, for None, room for a new one) to the first waiter, or keep it idle."""
+    def _wake(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                if child is None:
-                    self._starting += 1  # the room is the waiter's: nobody else may take it
-                waiter.set_result(child)
+                waiter.set_result(None)
                 return
-        if child is not None:
-            self._idle.append(child)
 
-    def _discard(self, child: _Child) -> None:
-        self._children.discard(child)
+    def _retire(self, child: _Child) -> None:
+        self._children.remove(child)
         if child.process.returncode is None:
             child.process.kill()
-        reaping = asyncio.get_running_loop().create_task(_reap(child))
-        self._stopping.add(reaping)
-        reaping.add_done_callback(self._stopping.discard)
-        if not self._closed:
-            self._hand_on(None)
-
-
-async def _reap(child: _Child) -> None:
-    await child.process.wait()
+        stopping = asyncio.get_running_loop().create_task(child.stop())
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
