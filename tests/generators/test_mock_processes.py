@@ -21,6 +21,7 @@ from image_server.client import RenderClient
 from image_server.errors import GenerationFailed
 from image_server.generators.base import RenderJob
 from image_server.generators.mock import MockConfig, MockGenerator
+from image_server.offload import WORKER_NICENESS
 from image_server.storage import OutputStore
 from schemas import RenderRequest
 from tests.procs import Procs, running_procs, write_config
@@ -44,6 +45,10 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def children_of(pid: int) -> set[int]:
@@ -103,6 +108,8 @@ async def test_a_burst_keeps_every_process_busy() -> None:
         assert len(pids) == 2
         # Each child wrote answers on its stdout: it drew, not only started.
         written = {pid: int(Path(f"/proc/{pid}/io").read_text().split("wchar: ")[1].split()[0]) for pid in pids}
+        # Below normal priority, as the service's worker threads: the event loop comes first.
+        assert all(nice(pid) == WORKER_NICENESS + nice(os.getpid()) for pid in pids)
     smallest = min(len(result.images[0].data or b"") for result in results)
     assert all(count >= smallest for count in written.values()), written
     assert len({result.images[0].data for result in results}) == 16

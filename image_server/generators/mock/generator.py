@@ -34,6 +34,7 @@ from image_server.generators.mock.config import MockConfig
 from image_server.generators.mock.drawing import STYLES, Style, blend_reference, derive_seed
 from image_server.generators.mock.pool import DrawingFailed, DrawingPool, PoolUnavailable, WorkerLost
 from image_server.generators.mock.render import Sketch, picture
+from image_server.offload import WORKER_NICENESS
 
 logger = logging.getLogger(__name__)
 MockHandler = Callable[[RenderJob], "GenerationResult | None | Awaitable[GenerationResult | None]"]
@@ -163,7 +164,7 @@ class MockGenerator(Generator):
         """Every image drawn and encoded in the drawing processes, side by side; None if no
         process can be started (the caller draws in a thread)."""
         if self._pool is None:
-            self._pool = DrawingPool(self._processes)
+            self._pool = DrawingPool(self._processes, niceness=WORKER_NICENESS)
         sketches = [self._sketch(job, seed + index, style, index, encode_as) for index in range(job.request.num_images)]
         try:
             encoded = await asyncio.gather(*(self._pool.render(sketch) for sketch in sketches))

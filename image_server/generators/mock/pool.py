@@ -30,12 +30,13 @@ _PACKAGES = (
     ("image_server.generators", str(_HERE.parent)),
     ("image_server.generators.mock", str(_HERE)),
 )
-# One line (argv: package names and folders), so that ps and profilers show it whole.
+# One line (argv: the niceness, then package names and folders), so that ps and profilers
+# show it whole.
 _BOOTSTRAP = (
-    "import sys, types; names, folders = sys.argv[1::2], sys.argv[2::2]; "
+    "import sys, types; names, folders = sys.argv[2::2], sys.argv[3::2]; "
     "sys.modules.update({name: types.ModuleType(name) for name in names}); "
     "[setattr(sys.modules[name], '__path__', [folder]) for name, folder in zip(names, folders)]; "
-    "from image_server.generators.mock.worker import main; main()"
+    "from image_server.generators.mock.worker import main; main(int(sys.argv[1]))"
 )
 DEPTH = 2  # jobs a child holds: the one it draws and the next
 STOP_TIMEOUT_S = 5.0
@@ -110,10 +111,14 @@ class _Child:
 
 
 class DrawingPool:
-    """Up to ``size`` drawing processes, started on demand; use ``aclose`` to end them."""
+    """Up to ``size`` drawing processes, started on demand; use ``aclose`` to end them.
 
-    def __init__(self, size: int) -> None:
+    They run ``niceness`` steps below normal priority, as the service's worker threads do,
+    so that the event loop gets a core at once when it wakes."""
+
+    def __init__(self, size: int, *, niceness: int = 0) -> None:
         self.size = size
+        self.niceness = niceness
         self._children: list[_Child] = []
         self._starting = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -174,6 +179,7 @@ class DrawingPool:
                 "-P",  # not the working directory's modules: only the interpreter's and ours
                 "-c",
                 _BOOTSTRAP,
+                str(self.niceness),
                 *(part for package in _PACKAGES for part in package),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

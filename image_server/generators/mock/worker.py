@@ -14,6 +14,7 @@ for the same reason: the parent decides when its drawing processes end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -50,7 +51,10 @@ def serve(jobs: BinaryIO, answers: BinaryIO) -> None:
         answers.flush()
 
 
-def main() -> None:
+def main(niceness: int = 0) -> None:
+    if niceness:
+        with contextlib.suppress(OSError):  # not permitted: normal priority then
+            os.nice(niceness)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # The answers get a private copy of stdout; fd 1 then points at stderr, so a stray print
