@@ -38,6 +38,25 @@ _GIL_BOUND = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_GIL_BOUND_NAM
 COPY_CHUNK_BYTES = 1024 * 1024
 
 
+def _at_worker_niceness() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+
+
+# Outputs are stored (hashed, written, fsync'd) on threads of their own: a store mostly
+# waits for the disk, holding neither a core nor the GIL, and in a burst the six shared
+# executor threads queued 200 stores for 45-231 ms (benchmarks/README.md, issue 14). More
+# writes in flight also let the filesystem commit several fsyncs in one journal commit.
+STORE_THREADS = 16
+_STORE = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store", initializer=_at_worker_niceness)
+
+
+async def run_store(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """``asyncio.to_thread`` on the store's threads."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_STORE, functools.partial(work, *args, **kwargs))
+
+
 async def run_gil_bound(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``asyncio.to_thread`` for work that holds the GIL (in short steps): off the loop, but
     on a thread at the loop's own priority."""
@@ -111,4 +130,11 @@ async def prestart_worker_threads() -> None:
             barrier.wait()  # every thread blocks until all exist, so none is reused
 
     await asyncio.gather(*(loop.run_in_executor(None, wait) for _ in range(workers)))
+    store_barrier = threading.Barrier(STORE_THREADS, timeout=5)
+
+    def wait_in_store() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            store_barrier.wait()
+
+    await asyncio.gather(*(loop.run_in_executor(_STORE, wait_in_store) for _ in range(STORE_THREADS)))
     await loop.run_in_executor(_GIL_BOUND, threading.get_native_id)  # started from here, so at nice 0

@@ -20,6 +20,7 @@ from image_server.config import ReferencesConfig
 from image_server.errors import GenerationTimeout, ImageServerError
 from image_server.generators.base import GenerationResult, GeneratorConfig, ReferenceImage, RenderJob, check_request
 from image_server.manager import GeneratorManager
+from image_server.offload import run_store
 from image_server.references import normalize_request_references
 from image_server.resilience import run_chain
 from image_server.storage import OutputStore
@@ -204,7 +205,7 @@ class RenderPipeline:
             project=request.project or self.default_project,
             parameters=_parameters(request, name, result),
         )
-        stored = store() if self.store.is_quick(request, result.images) else await asyncio.to_thread(store)
+        stored = store() if self.store.is_quick(request, result.images) else await run_store(store)
         done = time.perf_counter()
         started = timer.started or timer.received
         timings = Timings(
