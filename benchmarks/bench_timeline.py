@@ -49,7 +49,11 @@ async def _drive(service: Any, fields: dict[str, Any], count: int, warmup: int) 
     def on_event(event: Any) -> None:
         client_stamps.setdefault(event.request_id, []).append((f"client: {event.type}", time.perf_counter()))
 
-    async with RenderClient(service.requests, service.events, on_event=on_event, progress=False) as client:
+    try:
+        client = RenderClient(service.requests, service.events, on_event=on_event, progress=False)
+    except TypeError:  # a head from before RenderClient(progress=...), run through PYTHONPATH to compare
+        client = RenderClient(service.requests, service.events, on_event=on_event)
+    async with client:
         await client.wait_ready()
         for index in range(warmup + count):
             rid = f"{'t' if index >= warmup else 'warm'}-{index}"
