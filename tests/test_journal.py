@@ -84,6 +84,9 @@ async def test_concurrent_admits_share_commits(tmp_path: Path):
     count = 100
     async with Journal(tmp_path) as journal:
         await journal.admit("warm-up", "mock", request_json("warm-up"))
+        async with asyncio.timeout(10):  # the known-ids build at open has its own (empty) commit
+            while not journal.known.loaded:
+                await asyncio.sleep(0.005)
         commits_before = journal.commits
         blocker = connect(journal.path)
         blocker.execute("BEGIN IMMEDIATE")
