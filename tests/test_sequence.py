@@ -31,9 +31,13 @@ async def test_events_dropped_at_the_high_water_mark_show_as_gaps(service_factor
         slow.setsockopt(zmq.SUBSCRIBE, b"ServiceStatus")
         slow.connect(service.endpoints["events"])
         try:
-            await peer.send(encode_message(StatusRequest(request_id="join")))
-            async with asyncio.timeout(5):
-                await slow.recv_multipart()  # joined
+            async with asyncio.timeout(10):
+                # PUB/SUB's slow joiner: ask again until the new subscription hears an answer.
+                while True:
+                    await peer.send(encode_message(StatusRequest(request_id="join")))
+                    if await slow.poll(100):
+                        await slow.recv_multipart()  # joined
+                        break
             # Make the service publish far more than the two buffers hold, reading nothing; in
             # batches it takes in (its own receive queue would drop a flood too).
             baseline = service.counters["received"]
