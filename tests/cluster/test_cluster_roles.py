@@ -49,7 +49,9 @@ async def test_user_and_password_reach_a_server_that_requires_them(
     async with open_cluster(config, name="test") as cluster:
         assert cluster.nc.is_connected
     monkeypatch.setenv("NATS_PW_FOR_TEST", "wrong")
-    with pytest.raises(Exception, match="[Aa]uthorization"):
+    # The server answers "Authorization Violation" and hangs up; on a busy machine the client
+    # may see the hang-up first. Either way the wrong password does not connect.
+    with pytest.raises(Exception, match="[Aa]uthorization|[Cc]onnection reset|[Cc]losed"):
         async with asyncio.timeout(10), open_cluster(config.model_copy(update={"connect_timeout_s": 2}), name="t"):
             pass
 
