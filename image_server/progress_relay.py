@@ -6,7 +6,7 @@ from __future__ import annotations
 from image_server.active import Active
 from image_server.progress import ProgressThrottle
 from image_server.publisher import EventPublisher
-from schemas import RenderProgress
+from schemas import RenderProgress, event_topic
 
 
 class ProgressRelay:
@@ -19,6 +19,9 @@ class ProgressRelay:
     def report(
         self, active: Active, stage: str, fraction: float | None, message: str | None, position: int | None
     ) -> None:
+        topic = event_topic("RenderProgress", active.ticket.reply_to).encode("ascii")
+        if not self.publisher.wanted("RenderProgress", topic):
+            return  # nobody subscribed: not even built (a plain RenderClient does not)
         if active.throttle is None:
             active.throttle = ProgressThrottle(lambda event: self._send(active, event))
         active.throttle(
