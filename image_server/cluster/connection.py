@@ -177,8 +177,10 @@ async def _ensure_layout_when_ready(js: JetStreamContext, config: ClusterConfig)
 
 
 def _forming(exc: APIError) -> bool:
-    # 10005: no suitable peers for placement; 10008: JetStream cluster not available yet.
-    return exc.code in (500, 503) or exc.err_code in (10005, 10008)
+    # 10005: no suitable peers for placement; 10008: JetStream cluster not available yet;
+    # 10059: stream not found, when another process's add of the same stream is still being
+    # placed (our add was refused as a clash, and the update then finds no stream yet).
+    return exc.code in (500, 503) or exc.err_code in (10005, 10008, 10059)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
