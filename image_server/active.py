@@ -47,6 +47,8 @@ class Active:
     resumed: bool = False  # taken up again from the journal after a restart
     admission: asyncio.Task[Admission] | None = None  # journaling it, alongside the render
     held_progress: list[RenderProgress] = field(default_factory=list)  # until RenderAccepted is out
+    speculating: bool = False  # rendering while the journal has not answered yet
+    not_admitted: bool = False  # its render was stopped because the journal did not take it
 
     @property
     def generator(self) -> str:

@@ -165,6 +165,7 @@ class RequestTracker:
             if not admission.admitted:
                 await asyncio.shield(self._conclude(active, None))
                 return
+        active.speculating = overlap
         await self._run(active)
 
     async def _journal_and_accept(self, active: Active, recording: Awaitable[Recorded | None]) -> Admission:
@@ -173,10 +174,12 @@ class RequestTracker:
         try:
             recorded = await recording
         except ImageServerError as exc:
-            return Admission(refusal=error_event(exc, request, generator=active.generator))
+            return self._not_admitted(active, Admission(refusal=error_event(exc, request, generator=active.generator)))
         except QuotaExceeded as exc:
             logger.warning("! %s refused: %s", request.request_id, exc)
-            return Admission(refusal=error_event(Overloaded(f"not accepted: {exc}"), request))
+            return self._not_admitted(
+                active, Admission(refusal=error_event(Overloaded(f"not accepted: {exc}"), request))
+            )
         except Exception:
             # Not journaled means not accepted: say so rather than strand the request.
             logger.exception("! %s: the journal could not record it", request.request_id)
@@ -187,12 +190,20 @@ class RequestTracker:
                 retryable=True,
                 metadata=request.metadata,
             )
-            return Admission(refusal=failure)
+            return self._not_admitted(active, Admission(refusal=failure))
         if recorded is not None and recorded.state is Recording.FINISHED:
-            return Admission(repeat=recorded)
+            return self._not_admitted(active, Admission(repeat=recorded))
         if active.end_reason is None:
             await self._accept(active)
         return Admission()
+
+    def _not_admitted(self, active: Active, admission: Admission) -> Admission:
+        """A render running alongside its admission stops now rather than at its next gate
+        (a slow in-process render would otherwise delay the answer and hold its slot)."""
+        if active.speculating and active.task is not None and not active.task.done():
+            active.not_admitted = True
+            active.task.cancel()
+        return admission
 
     async def _gate(self, active: Active) -> None:
         """Wait until ``active`` is journaled; ``NotAdmitted`` if it was not."""
@@ -285,14 +296,19 @@ class RequestTracker:
         except NotAdmitted:
             event = None  # the admission's outcome is the answer
         except asyncio.CancelledError:
-            if active.end_reason is None:
+            if active.not_admitted:
+                event = None  # stopped by its admission's refusal, which is the answer
+            elif active.end_reason is None:
                 raise  # shutdown: no terminal event is invented; the request stays unfinished
-            event = error_event(active.end_reason, request, generator=active.generator)
+            else:
+                event = error_event(active.end_reason, request, generator=active.generator)
         except ImageServerError as exc:
             event = error_event(exc, request, generator=active.generator)
         except Exception as exc:
             logger.exception("! %s failed unexpectedly", request.request_id)
             event = error_event(exc, request, generator=active.generator)
+        finally:
+            active.speculating = False
         await asyncio.shield(self._conclude(active, event, blobs))
 
     async def _conclude(self, active: Active, event: Terminal | None, blobs: Sequence[bytes] = ()) -> None:

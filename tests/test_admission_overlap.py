@@ -114,17 +114,22 @@ async def test_a_provider_job_waits_for_the_journal(service_factory, raw_peer, t
 
 
 async def test_a_request_the_journal_refuses_is_not_answered_with_its_render(service_factory, raw_peer, tmp_path):
-    """Over the journal's quota: the render that started alongside is discarded, no file is
-    left, and the client hears why it was not accepted."""
+    """Over the journal's quota: the render that started alongside is stopped at once (a
+    30 s render, answered within the 5 s wait), no file is left, and the client hears why
+    it was not accepted."""
     recorder = Recorder()
     padding = "x" * (1024 * 1024)  # more than the whole quota below
-    async with service_factory(factory=recorder.factory, journal={"max_bytes": 1024 * 1024}) as service:
+    slow = {"mock": {"strategy": "mock", "delay_s": 30.0}}
+    async with service_factory(
+        factory=recorder.factory, generators=slow, journal={"max_bytes": 1024 * 1024}
+    ) as service:
         await journal_ready(service)
         async with EventLog(await raw_peer(service)) as log:
             await log.render("too-big", delivery="file", metadata={"pad": padding})
             refused = await log.terminal("too-big")
             await log.flush()
     assert isinstance(refused, RenderError) and refused.code == "overloaded"
+    assert recorder.generated == []  # the 30 s render never finished: it was stopped
     assert log.of("too-big", (RenderAccepted, RenderProgress, ImageReady)) == []
     assert outputs(tmp_path / "output") == []
 
