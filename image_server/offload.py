@@ -53,15 +53,17 @@ _STORE = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store
 
 async def run_store(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``asyncio.to_thread`` on the store's threads."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_STORE, functools.partial(work, *args, **kwargs))
+    return await _run_on(_STORE, functools.partial(work, *args, **kwargs))
 
 
 async def run_gil_bound(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
     """``asyncio.to_thread`` for work that holds the GIL (in short steps): off the loop, but
     on a thread at the loop's own priority."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_GIL_BOUND, functools.partial(work, *args, **kwargs))
+    return await _run_on(_GIL_BOUND, functools.partial(work, *args, **kwargs))
+
+
+async def _run_on(executor: ThreadPoolExecutor, call: Callable[[], _T]) -> _T:
+    return await asyncio.get_running_loop().run_in_executor(executor, call)
 
 
 def in_gil_bound_thread(work: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
@@ -117,24 +119,27 @@ _MAKE_BYTEARRAY = _bytearray_maker()
 
 
 async def prestart_worker_threads() -> None:
-    """Start the default executor's threads now, at ``WORKER_NICENESS``. Started on demand,
-    each new thread made the loop wait 8-19 ms for the GIL in the middle of a burst."""
+    """Start the default executor's threads and the store's now, at ``WORKER_NICENESS``.
+    Started on demand, each new thread made the loop wait 8-19 ms for the GIL in the middle
+    of a burst."""
     loop = asyncio.get_running_loop()
     workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
-    barrier = threading.Barrier(workers, timeout=5)
+    await _start_every_thread(None, workers, _at_worker_niceness)
+    await _start_every_thread(_STORE, STORE_THREADS)  # its initializer sets the niceness
+    await loop.run_in_executor(_GIL_BOUND, threading.get_native_id)  # started from here, so at nice 0
+
+
+async def _start_every_thread(
+    executor: ThreadPoolExecutor | None, count: int, first: Callable[[], None] = lambda: None
+) -> None:
+    """Make ``executor`` start all ``count`` threads: each runs ``first`` and then waits
+    until all exist, so none is reused for another of these calls."""
+    barrier = threading.Barrier(count, timeout=5)
 
     def wait() -> None:
-        with contextlib.suppress(OSError, AttributeError):  # not Linux, or not permitted
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
+        first()
         with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait()  # every thread blocks until all exist, so none is reused
+            barrier.wait()
 
-    await asyncio.gather(*(loop.run_in_executor(None, wait) for _ in range(workers)))
-    store_barrier = threading.Barrier(STORE_THREADS, timeout=5)
-
-    def wait_in_store() -> None:
-        with contextlib.suppress(threading.BrokenBarrierError):
-            store_barrier.wait()
-
-    await asyncio.gather(*(loop.run_in_executor(_STORE, wait_in_store) for _ in range(STORE_THREADS)))
-    await loop.run_in_executor(_GIL_BOUND, threading.get_native_id)  # started from here, so at nice 0
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(executor, wait) for _ in range(count)))
