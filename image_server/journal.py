@@ -77,6 +77,10 @@ class Journal:
         self.known = KnownIds()
         self._rows_at_open = 0
         self._rebuilding: asyncio.Task[None] | None = None
+        # Writer thread only: the size measured in this batch (``_check_quota``), and the ids
+        # whose request_frames rows may exist (so a finish without any skips the DELETE).
+        self._batch_used: int | None = None
+        self._with_frames: set[str] = set()
 
     async def __aenter__(self) -> Journal:
         ready: Future[None] = Future()
@@ -106,6 +110,7 @@ class Journal:
             conn = connect(self.path)
             conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
             self._rows_at_open = conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+            self._with_frames = {row[0] for row in conn.execute("SELECT DISTINCT request_id FROM request_frames")}
         except BaseException as exc:
             ready.set_exception(exc)
             return
@@ -164,21 +169,34 @@ class Journal:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(exc)
             return
+        self._batch_used = None
+        # Each op of a batch runs in a savepoint, so a failing one is undone alone. A batch of
+        # one needs none (its failure undoes the transaction): every statement the writer runs
+        # is two GIL hand-offs with the event loop, and most batches hold one op.
+        alone = len(batch) == 1
+        undone = False
         for fn, future in batch:
             if not future.set_running_or_notify_cancel():
                 continue  # its caller was cancelled before the op ran: skip it
-            conn.execute("SAVEPOINT op")
+            if not alone:
+                conn.execute("SAVEPOINT op")
             try:
                 results.append((future, fn(conn), None))
-                conn.execute("RELEASE op")
+                if not alone:
+                    conn.execute("RELEASE op")
             except Exception as exc:
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+                if alone:
+                    conn.execute("ROLLBACK")
+                    undone = True
+                else:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
                 results.append((future, None, exc))
         try:
-            conn.execute("COMMIT")
-            self.commits += 1
-            self.checkpointer.committed()
+            if not undone:
+                conn.execute("COMMIT")
+                self.commits += 1
+                self.checkpointer.committed()
         except Exception as exc:
             logger.exception("journal commit failed")
             results = [(future, None, exc) for future, _, _ in results]
@@ -231,25 +249,38 @@ class Journal:
         self._note_id(request_id)
 
         def op(conn: sqlite3.Connection) -> Recorded:
-            row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
-            if row is None:
-                self._check_quota(conn, size)
-                now = time.time()
-                insert_request(conn, request_id, generator, request_json, now, owner)
+            now = time.time()
+            # Inserted first, the quota checked after: a new id (nearly every one) costs one
+            # statement, and a known one is answered from its row even past the quota. Past
+            # it, the raise undoes the insert.
+            if not insert_request(conn, request_id, generator, request_json, now, owner):
+                row = conn.execute("SELECT * FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+                if row is None:  # OR IGNORE also skips a row that breaks a NOT NULL constraint
+                    raise sqlite3.IntegrityError(f"request {request_id!r} could not be journaled")
+                return known_entry(conn, row)
+            self._check_quota(conn, size)
+            if frames:
+                self._with_frames.add(request_id)
                 conn.executemany(
                     "INSERT OR REPLACE INTO request_frames (request_id, idx, data) VALUES (?, ?, ?)",
                     [(request_id, index, frame) for index, frame in enumerate(frames)],
                 )
-                entry = JournalEntry(request_id, generator, request_json, now, owner=owner)
-                return Recorded(Recording.NEW, entry, [])
-            return known_entry(conn, row)
+            entry = JournalEntry(request_id, generator, request_json, now, owner=owner)
+            return Recorded(Recording.NEW, entry, [])
 
         return self._submit(op)
 
     def _check_quota(self, conn: sqlite3.Connection, needed: int) -> None:
-        self.used_bytes = used_bytes(conn)
-        if self.max_bytes is not None and self.used_bytes + needed > self.max_bytes:
-            raise QuotaExceeded(self.used_bytes, needed, self.max_bytes)
+        """Raise ``QuotaExceeded`` if ``needed`` more bytes would pass ``max_bytes``. The size
+        is measured once per batch and then counted up (never down: a failed op's bytes
+        still count until the next batch measures again)."""
+        if self.max_bytes is None:
+            return
+        if self._batch_used is None:
+            self._batch_used = self.used_bytes = used_bytes(conn)
+        if self._batch_used + needed > self.max_bytes:
+            raise QuotaExceeded(self._batch_used, needed, self.max_bytes)
+        self._batch_used += needed
 
     async def finish(
         self,
@@ -293,11 +324,14 @@ class Journal:
                     "code, terminal, total_ms, owner) VALUES (?, ?, x'', ?, ?, ?, ?, ?, ?, ?)",
                     (request_id, generator, now, now, outcome, code, terminal_json, total_ms, owner),
                 )
-            conn.execute("DELETE FROM request_frames WHERE request_id = ?", (request_id,))
-            conn.executemany(
-                "INSERT OR REPLACE INTO blobs (request_id, idx, data) VALUES (?, ?, ?)",
-                [(request_id, i, blob) for i, blob in enumerate(blobs)],
-            )
+            if request_id in self._with_frames:
+                self._with_frames.discard(request_id)
+                conn.execute("DELETE FROM request_frames WHERE request_id = ?", (request_id,))
+            if blobs:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO blobs (request_id, idx, data) VALUES (?, ?, ?)",
+                    [(request_id, i, blob) for i, blob in enumerate(blobs)],
+                )
             entry = JournalEntry(request_id, generator, b"", now, now, outcome, code, terminal_json, total_ms, owner)
             return Recorded(Recording.NEW, entry, list(blobs))
 

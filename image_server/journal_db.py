@@ -110,8 +110,12 @@ def create_private(path: Path) -> None:
 
 def used_bytes(conn: sqlite3.Connection) -> int:
     """Bytes the journal's live pages take (freed pages are reused before the file grows)."""
-    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
+    # One statement: each one the writer thread runs is a GIL hand-off with the event loop.
+    (used,) = conn.execute(
+        "SELECT (p.page_count - f.freelist_count) * s.page_size "
+        "FROM pragma_page_count() AS p, pragma_freelist_count() AS f, pragma_page_size() AS s"
+    ).fetchone()
+    return int(used)
 
 
 def known_entry(conn: sqlite3.Connection, row: sqlite3.Row) -> Recorded:
@@ -132,25 +136,30 @@ def insert_request(
     body: str | bytes | bytearray,
     now: float,
     owner: str | None = None,
-) -> None:
-    """Insert a request row. A big body (megabytes of inline images) is written a megabyte at
-    a time through incremental blob I/O: binding it whole holds the GIL for the full copy."""
+) -> bool:
+    """Insert a request row unless ``request_id`` has one; whether it was inserted. A big body
+    (megabytes of inline images) is written a megabyte at a time through incremental blob
+    I/O: binding it whole holds the GIL for the full copy."""
     data = body.encode() if isinstance(body, str) else body
     if len(data) <= BLOB_CHUNK_BYTES:
-        conn.execute(
-            "INSERT INTO requests (request_id, generator, request_json, accepted_at, owner) VALUES (?, ?, ?, ?, ?)",
+        cursor = conn.execute(
+            "INSERT OR IGNORE INTO requests (request_id, generator, request_json, accepted_at, owner) "
+            "VALUES (?, ?, ?, ?, ?)",
             (request_id, generator, data, now, owner),
         )
-        return
+        return cursor.rowcount == 1
     cursor = conn.execute(
-        "INSERT INTO requests (request_id, generator, request_json, accepted_at, owner) "
+        "INSERT OR IGNORE INTO requests (request_id, generator, request_json, accepted_at, owner) "
         "VALUES (?, ?, zeroblob(?), ?, ?)",
         (request_id, generator, len(data), now, owner),
     )
+    if cursor.rowcount != 1:
+        return False
     view = memoryview(data)
     with conn.blobopen("requests", "request_json", cursor.lastrowid or 0) as blob:
         for start in range(0, len(view), BLOB_CHUNK_BYTES):
             blob.write(view[start : start + BLOB_CHUNK_BYTES])
+    return True
 
 
 def recent_entries(state_dir: Path, *, limit: int = 50) -> list[JournalEntry]:
