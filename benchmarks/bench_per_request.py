@@ -13,6 +13,9 @@ round a fresh service process. Per round:
   delivery ``frames``), 1,000 sequential requests: the service's ``timings.total`` minus
   ``timings.generate`` (everything but the generator's own work), journal on.
 
+``--before CHECKOUT`` runs the rounds alternately against another checkout's service (ABBA,
+one process) and prints both medians and the median of the paired ratios.
+
 ``--rss`` adds one process serving 5,000 sequential 1024x1024 JPEGs, VmRSS sampled at
 requests 200, 1,000, 2,000, ... 5,000; ``--jitter`` adds ``bench_jitter.run`` (heartbeat
 jitter idle and while ten 4096x4096 references are normalized).
@@ -28,6 +31,7 @@ import json
 import os
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bench_overhead import transport_floor
@@ -108,15 +112,40 @@ async def _overhead(service: Any, count: int, warmup: int) -> dict[str, Any]:
     return summary_ms(own)
 
 
-def measure(count: int) -> dict[str, Any]:
-    with running_service(GENERATORS, log_level="warning") as service:
+def measure(count: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+    with running_service(GENERATORS, log_level="warning", env=env) as service:
         result = asyncio.run(_drive(service, count))
     floor = transport_floor(1, count)
     result["zmq_floor"] = floor
     result["small_above_floor_ms"] = round(result["small_round_trip"]["p50_ms"] - floor["p50_ms"], 3)
-    with running_service(READY, wrapper=True, log_level="warning") as service:
+    with running_service(READY, wrapper=True, log_level="warning", env=env) as service:
         result["overhead"] = asyncio.run(_overhead(service, 1000, 100))
     return {**result, "machine": machine()}
+
+
+def compare(before: Path, runs: int, count: int = REQUESTS) -> dict[str, Any]:
+    """This tree against the service in ``before`` (another checkout, imported through
+    ``PYTHONPATH`` by the service processes only), rounds alternating ABBA in one process,
+    so both sides see the same machine and no round pays for another's deleted files."""
+    old = {"PYTHONPATH": os.pathsep.join([str(before), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    samples: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    for index in range(runs):
+        for side in ("before", "after") if index % 2 == 0 else ("after", "before"):
+            samples[side].append(measure(count, old if side == "before" else None))
+    medians = {side: _summary(found) for side, found in samples.items()}
+    pairs = list(zip(samples["after"], samples["before"], strict=True))
+    ratios = {
+        name: round(statistics.median(_summary([a])[name] / _summary([b])[name] for a, b in pairs), 3)
+        for name in medians["after"]
+        if name != "loadavg_1m"
+    }
+    return {
+        "figure": f"per-request cost, this tree against {before}, {runs} alternating rounds",
+        "median": medians,
+        "median_ratio_after_over_before": ratios,
+        "file_create_us": {side: [s["machine"]["file_create_us"] for s in found] for side, found in samples.items()},
+        "failures": sum(s["burst"]["failures"] for found in samples.values() for s in found),
+    }
 
 
 def rss_trace(total: int = 5000, marks: tuple[int, ...] = (200, 1000, 2000, 3000, 4000, 5000)) -> dict[str, Any]:
@@ -151,6 +180,7 @@ def _summary(samples: list[dict[str, Any]]) -> dict[str, float]:
         "overhead_p50_ms": "overhead.p50_ms",
         "overhead_p99_ms": "overhead.p99_ms",
         "loadavg_1m": "machine.loadavg_1m",
+        "file_create_us": "machine.file_create_us",
     }
     return {name: median_of(samples, path) for name, path in paths.items()}
 
@@ -193,7 +223,11 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true")
     parser.add_argument("--jitter", action="store_true")
     parser.add_argument("--full", action="store_true", help="every round's figures too")
+    parser.add_argument("--before", type=Path, metavar="CHECKOUT", help="alternate with this checkout's service")
     args = parser.parse_args()
+    if args.before is not None:
+        print(json.dumps(compare(args.before.resolve(), args.runs, args.requests), indent=2))
+        return
     result = run(args.runs, args.requests, args.rss, args.jitter)
     print(json.dumps(result if args.full else {k: v for k, v in result.items() if k != "runs"}, indent=2))
 

@@ -8,8 +8,10 @@ service and client never share an event loop or a GIL.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -30,6 +32,46 @@ from schemas import RenderRequest
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRAPPER = BENCH_DIR / "serve_wrapper.py"
+
+
+# -- scratch folders ----------------------------------------------------------------
+
+# Removed when the benchmark process ends, not between its rounds. This machine's root file
+# system is ext4 without a journal, where creating a file skips every inode deleted in the
+# last 60 s (360 s while the inode table is not yet written back): deleting a round's ~1,400
+# images made the next rounds' file creation, hence their figures, up to 25 % slower
+# (benchmarks/README.md, "File creation on this machine").
+_SCRATCH: list[Path] = []
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temp folder, removed at exit."""
+    if not _SCRATCH:
+        atexit.register(_remove_scratch)
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    _SCRATCH.append(folder)
+    return folder
+
+
+def _remove_scratch() -> None:
+    for folder in _SCRATCH:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def file_create_us(count: int = 20) -> float:
+    """Median microseconds to create (and write 26 KB to, no fsync) a new file in a scratch
+    folder: how much the file system's recent deletions cost a new output file right now
+    (about 35 us when nothing was deleted recently; hundreds after mass deletions)."""
+    folder = scratch_dir("image-server-probe-")
+    data = b"\0" * 26_000
+    times = []
+    for index in range(count):
+        started = time.perf_counter()
+        fd = os.open(folder / f"probe-{index}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 # -- config ---------------------------------------------------------------------------
@@ -174,39 +216,39 @@ def running_service(
     start_timeout_s: float = 30.0,
     **overrides: Any,
 ) -> Iterator[ServiceProcess]:
-    """Start the service in a temp dir, yield once it heartbeats, SIGTERM it after."""
-    with tempfile.TemporaryDirectory(prefix="image-server-bench-") as tmp:
-        folder = Path(tmp)
-        requests, events = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-        config = write_config(folder, generators=generators, requests=requests, events=events, **overrides)
-        entry = [str(WRAPPER)] if wrapper else ["-m", "image_server"]
-        command = [sys.executable, *entry, "--config", str(config), "--log-level", log_level, "serve"]
-        process = subprocess.Popen(
-            command,
-            cwd=folder,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-        log: list[str] = []
-        reader = threading.Thread(target=_drain, args=(process.stderr, log), daemon=True)
-        reader.start()
+    """Start the service in a temp dir, yield once it heartbeats, SIGTERM it after. The dir
+    (and the images in it) is removed when this process ends (``scratch_dir``)."""
+    folder = scratch_dir("image-server-bench-")
+    requests, events = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+    config = write_config(folder, generators=generators, requests=requests, events=events, **overrides)
+    entry = [str(WRAPPER)] if wrapper else ["-m", "image_server"]
+    command = [sys.executable, *entry, "--config", str(config), "--log-level", log_level, "serve"]
+    process = subprocess.Popen(
+        command,
+        cwd=folder,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    log: list[str] = []
+    reader = threading.Thread(target=_drain, args=(process.stderr, log), daemon=True)
+    reader.start()
+    try:
         try:
+            wait_for_heartbeat(events, process, start_timeout_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; its log ends:\n" + "\n".join(log[-30:])) from None
+        yield ServiceProcess(process, requests, events, folder, log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
             try:
-                wait_for_heartbeat(events, process, start_timeout_s)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{exc}; its log ends:\n" + "\n".join(log[-30:])) from None
-            yield ServiceProcess(process, requests, events, folder, log)
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-            reader.join(timeout=5)
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=5)
 
 
 # -- statistics -----------------------------------------------------------------------
@@ -300,4 +342,4 @@ async def burst(
 
 def machine() -> dict[str, Any]:
     """Load and CPU count when a figure was taken: the machine is shared, so say how busy."""
-    return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+    return {"cpus": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "file_create_us": file_create_us()}

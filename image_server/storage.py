@@ -82,8 +82,10 @@ def file_stem(request_id: str) -> str:
 
 class OutputStore:
     def __init__(self, output_dir: Path, *, png_compress_level: int = 1) -> None:
-        self.output_dir = Path(output_dir)
+        # Resolved once: the paths in ImageReady are absolute without a resolve per file.
+        self.output_dir = Path(output_dir).resolve()
         self.png_compress_level = png_compress_level
+        self._folders: set[Path] = set()  # folders known to exist
 
     def store(
         self,
@@ -187,8 +189,19 @@ class OutputStore:
         return StoredImage(OutputImage(path=str(path), uri=path.as_uri(), **common))
 
     def _write(self, path: Path, data: bytes) -> Path:
+        """``write_atomic`` without its per-file ``mkdir`` and ``resolve`` (eight system
+        calls): ``output_dir`` is resolved once, and each folder made once unless it goes."""
+        folder = path.parent
         try:
-            return write_atomic(path, data)
+            if folder not in self._folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._folders.add(folder)
+            try:
+                _replace_synced(path, data)
+            except FileNotFoundError:  # the folder was removed while the service ran
+                folder.mkdir(parents=True, exist_ok=True)
+                _replace_synced(path, data)
+            return path
         except OSError as exc:
             # A full disk or a read-only mount is the operator's to fix, not a bug: one clear,
             # retryable error per request instead of a traceback.
@@ -234,18 +247,28 @@ def write_atomic(path: Path, data: bytes) -> Path:
     """Write via a temp file in the same folder and ``os.replace``: readers never see a
     partial image, and a crash leaves the old file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _replace_synced(path, data)
+    return path.resolve()
+
+
+def _replace_synced(path: Path, data: bytes) -> None:
+    """Blocking: ``data`` fsync'd under a temp name in ``path``'s folder (which must exist),
+    then renamed to ``path``. Only the system calls that need doing (open, write, fsync,
+    close, rename): in the service every one of them hands the GIL over and back."""
     # Not tempfile.mkstemp: it creates files 0600, so a display process run by another user
     # could not read the image. os.open with 0o666 honours the umask instead.
     temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             # The journal records ImageReady right after this: the bytes must be on disk first.
-            os.fsync(fh.fileno())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    return path.resolve()

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -123,29 +124,33 @@ def test_rewrite_replaces_the_file_whole(tmp_path: Path) -> None:
 
 
 def test_a_failure_mid_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_fdopen = os.fdopen
+    real_write = os.write
 
-    class DiskFull:
-        """A file object that writes half the data, then fails like a full disk."""
+    def disk_full(fd: int, data: Any) -> int:
+        """Writes half the data, then fails like a full disk."""
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(28, "No space left on device")
 
-        def __init__(self, fd: int, mode: str) -> None:
-            self.fh = real_fdopen(fd, mode)
-
-        def __enter__(self) -> DiskFull:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.fh.close()
-
-        def write(self, data: bytes) -> int:
-            self.fh.write(data[: len(data) // 2])
-            self.fh.flush()
-            raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(storage.os, "fdopen", DiskFull)
+    monkeypatch.setattr(storage.os, "write", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_atomic(tmp_path / "out" / "image.png", b"x" * 10_000)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_folder_removed_while_running_is_made_again(store: OutputStore) -> None:
+    first = store_one(store, GeneratedImage(image=picture()), rid="r1")
+    shutil.rmtree(store.output_dir)  # an operator's clean-up, while the service runs
+    second = store_one(store, GeneratedImage(image=picture()), rid="r2")
+    assert Path(second.output.path or "").read_bytes()[:4] == b"\x89PNG"
+    assert Path(second.output.path or "").parent == Path(first.output.path or "").parent
+
+
+def test_paths_are_absolute_when_output_dir_is_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    stored = store_one(OutputStore(Path("out")), GeneratedImage(image=picture()))
+    path = Path(stored.output.path or "")
+    assert path.is_absolute() and path == (tmp_path / "out" / "proj" / "mock" / "20240229" / "req-1_0.png").resolve()
+    assert path.is_file()
 
 
 def test_a_failed_rename_leaves_no_temp_file(tmp_path: Path) -> None:
