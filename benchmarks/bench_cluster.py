@@ -1,4 +1,4 @@
-"""Figure 7: distributed mode on NATS JetStream.
+"""Figure 10: distributed mode on NATS JetStream.
 
 a) Throughput with 1, 2 and 3 workers: a mock with ``delay_s = 0.5`` (64x64, style
    ``simple``), ``cluster.worker_concurrency = 4`` and mock concurrency 4 per worker, so one

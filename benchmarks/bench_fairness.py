@@ -1,4 +1,4 @@
-"""Figure 7: a second client's latency while another floods the service with 2,000 requests.
+"""Figure 11: a second client's latency while another floods the service with 2,000 requests.
 
 Default limits (``max_in_flight`` 32, ``max_queued`` 1000, and whatever per-client share
 the service applies by default); the mock takes 50 ms per image (``delay_s``, style

@@ -1,4 +1,4 @@
-"""Figure 8: how much the state directory grows for 20 failing 4 MB requests.
+"""Figure 12: how much the state directory grows for 20 failing 4 MB requests.
 
 Each request carries 4 MB of random bytes as base64 ``image_data`` (about 5.3 MB of JSON),
 which is not an image, plus 64 KB of ``metadata``; each ends with

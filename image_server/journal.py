@@ -274,11 +274,9 @@ class Journal:
         """Raise ``QuotaExceeded`` if ``needed`` more bytes would pass ``max_bytes``. The size
         is measured once per batch and then counted up (never down: a failed op's bytes
         still count until the next batch measures again)."""
-        if self.max_bytes is None:
-            return
         if self._batch_used is None:
             self._batch_used = self.used_bytes = used_bytes(conn)
-        if self._batch_used + needed > self.max_bytes:
+        if self.max_bytes is not None and self._batch_used + needed > self.max_bytes:
             raise QuotaExceeded(self._batch_used, needed, self.max_bytes)
         self._batch_used += needed
 

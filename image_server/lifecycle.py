@@ -16,19 +16,21 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from image_server.active import Active, Admission, NotAdmitted
+from image_server.admission import admission_of
 from image_server.batches import BatchRunner
 from image_server.config import LimitsConfig, ReferencesConfig
 from image_server.endings import Endings
-from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Overloaded, Superseded
+from image_server.errors import Cancelled, ImageServerError, InvalidRequest, Superseded
 from image_server.identity import Ticket, owner_key
-from image_server.journal import QuotaExceeded, Recorded, Recording
+from image_server.journal import Recorded, Recording
 from image_server.outbox import Outbox, Terminal
 from image_server.outcomes import error_event
 from image_server.pipeline import RenderPipeline, RenderPlan
 from image_server.precheck import has_embedded_references, precheck_embedded_references
 from image_server.progress_relay import ProgressRelay
 from image_server.shares import ClientShares
-from schemas import BatchDone, ImageReady, RenderError, RenderRequest
+from image_server.terminal_log import note_terminal
+from schemas import ImageReady, RenderError, RenderRequest
 
 logger = logging.getLogger(__name__)
 _Member = TypeVar("_Member", ImageReady, RenderError)
@@ -170,32 +172,12 @@ class RequestTracker:
 
     async def _journal_and_accept(self, active: Active, recording: Awaitable[Recorded | None]) -> Admission:
         """Wait for the journal, then publish RenderAccepted; what happened, for the render."""
-        request = active.request
-        try:
-            recorded = await recording
-        except ImageServerError as exc:
-            return self._not_admitted(active, Admission(refusal=error_event(exc, request, generator=active.generator)))
-        except QuotaExceeded as exc:
-            logger.warning("! %s refused: %s", request.request_id, exc)
-            return self._not_admitted(
-                active, Admission(refusal=error_event(Overloaded(f"not accepted: {exc}"), request))
-            )
-        except Exception:
-            # Not journaled means not accepted: say so rather than strand the request.
-            logger.exception("! %s: the journal could not record it", request.request_id)
-            failure = RenderError(
-                request_id=request.request_id,
-                code="internal",
-                message="the service could not journal the request; try again",
-                retryable=True,
-                metadata=request.metadata,
-            )
-            return self._not_admitted(active, Admission(refusal=failure))
-        if recorded is not None and recorded.state is Recording.FINISHED:
-            return self._not_admitted(active, Admission(repeat=recorded))
+        admission = await admission_of(active, recording)
+        if not admission.admitted:
+            return self._not_admitted(active, admission)
         if active.end_reason is None:
             await self._accept(active)
-        return Admission()
+        return admission
 
     def _not_admitted(self, active: Active, admission: Admission) -> Admission:
         """A render running alongside its admission stops now rather than at its next gate
@@ -335,7 +317,6 @@ class RequestTracker:
     async def _finish(self, active: Active, event: Terminal, blobs: Sequence[bytes] = ()) -> None:
         """Stop tracking ``active``; the Outbox journals its terminal event, then sends it."""
         request = active.request
-        rid = request.request_id
         if isinstance(event, ImageReady):
             event = _in_batch(event, request)
         elif isinstance(event, RenderError):
@@ -343,27 +324,7 @@ class RequestTracker:
         self.progress.stop(active)
         self._untrack(active)
         self.endings.forget(active)
-        if isinstance(event, BatchDone):
-            self.counters["batches"] += 1
-            logger.info("← %s batch: %d ok, %d failed", rid, event.succeeded, event.failed)
-        elif isinstance(event, RenderError):
-            self.counters["failed"] += 1
-            logger.info(
-                "! %s %s: %s",
-                rid,
-                event.code,
-                event.message,
-                extra={"request_id": rid, "generator": event.generator, "code": event.code},
-            )
-        else:
-            self.counters["completed"] += 1
-            logger.info(
-                "← %s %s %.2fs",
-                rid,
-                event.generator,
-                event.timings.total / 1000,
-                extra={"request_id": rid, "generator": event.generator, "duration_ms": event.timings.total},
-            )
+        note_terminal(event, self.counters)
         await self.outbox.finish(active.ticket, event, blobs, resumed=active.resumed)
 
     # -- after a restart --------------------------------------------------------------

@@ -20,9 +20,8 @@ import zmq
 import zmq.asyncio
 
 from image_server.active import Active
+from image_server.assembly import frugal_pipeline
 from image_server.audience import Audience
-from image_server.cache.reuse import ResultReuse
-from image_server.cache.storage import DiskCacheStorage
 from image_server.compat import PlainJsonPublisher, make_publisher
 from image_server.config import ServiceConfig
 from image_server.errors import ConfigError
@@ -44,21 +43,17 @@ from image_server.offload import (
 )
 from image_server.outbox import Outbox
 from image_server.pipeline import RenderPipeline
-from image_server.prompting.ollama import OllamaCompressor
-from image_server.prompting.policy import PromptPolicy
 from image_server.publisher import EventPublisher
 from image_server.security import curve_setup
 from image_server.shutdown import ShutdownSummary, drain
 from image_server.sockets import bound_endpoint, open_socket
-from image_server.spend.guard import SpendGuard
-from image_server.spend.ledger import SpendLedger
 from image_server.statelock import StateLock
+from image_server.status_report import service_status
 from image_server.storage import OutputStore
 from image_server.version import VERSION
 from schemas import (
     CancelRequest,
     ClusterStatus,
-    GeneratorStatus,
     Heartbeat,
     RenderError,
     RenderRequest,
@@ -192,7 +187,7 @@ class ImageService:
         await stack.enter_async_context(self.manager)
         await self.manager.preload()  # a model that does not load fails the start (exit 3)
         http_client = await stack.enter_async_context(httpx.AsyncClient(follow_redirects=False))
-        self._pipeline = await self._frugal_pipeline(http_client)
+        self._pipeline = await frugal_pipeline(self.config, self.manager, self.store, http_client, stack)
         if self._frontend_factory is not None:
             # Distributed mode: JetStream holds requests and results; this process is a gateway.
             self._gateway = await stack.enter_async_context(
@@ -266,37 +261,6 @@ class ImageService:
             # pages' event streams, which the server would otherwise wait for.
             stack.push_async_callback(console.aclose)
             self.console = console
-
-    async def _frugal_pipeline(self, http_client: httpx.AsyncClient) -> FrugalPipeline:
-        """The render pipeline with spend checks, the result cache and coalescing."""
-        config = self.config
-        ledger = SpendLedger(config.state_dir / "spend.json", config.spend.budgets)
-        await asyncio.to_thread(ledger.load)
-        storage = None
-        if config.cache.enabled:
-            storage = DiskCacheStorage(
-                config.state_dir / "cache",
-                max_bytes=config.cache.max_bytes,
-                max_age_s=config.cache.max_age_s,
-                memory_bytes=config.cache.memory_bytes,
-            )
-            await storage.open()
-        prompts = PromptPolicy(config.prompting)
-        if prompts.needs_compressor():
-            prompts.compressor = OllamaCompressor(config.prompting.ollama)
-            self._stack.push_async_callback(prompts.compressor.aclose)
-        return FrugalPipeline(
-            self.manager,
-            self.store,
-            config.references,
-            spend=SpendGuard(config.spend, ledger, lambda name: self.manager.config(name).strategy),
-            reuse=ResultReuse(storage, self.store, default_project=config.default_project),
-            cache=config.cache,
-            prompts=prompts,
-            hedging=config.hedging,
-            default_project=config.default_project,
-            http_client=http_client,
-        )
 
     async def run(self) -> None:
         """Start, serve until ``stop()``, then shut down cleanly."""
@@ -496,40 +460,15 @@ class ImageService:
         await self.publisher.publish(status, reply_to=message.reply_to)
 
     def status(self, request_id: str | None = None) -> ServiceStatus:
-        scheduler = self.manager.scheduler
-        ledger = self.pipeline.spend.ledger
-        generators = [
-            GeneratorStatus(
-                name=name,
-                strategy=self.manager.config(name).strategy,
-                in_flight=scheduler.running(name),
-                concurrency=self.manager.config(name).concurrency,
-                image_to_image=self.manager.is_image_to_image(name),
-                cooling_down_until=self._cooling_down_until(name),
-                spent_today=ledger.spent(name)[0],
-                spent_month=ledger.spent(name)[1],
-                over_budget=ledger.over_budget(name) is not None,
-            )
-            for name in self.manager.available()
-        ]
-        return ServiceStatus(
+        return service_status(
+            self.manager,
+            self.pipeline,
+            self.journal,
             request_id=request_id,
-            default_generator=self.manager.default,
-            generators=generators,
             queued=self.queued,
-            in_flight=scheduler.in_flight,
             uptime_s=self.uptime_s,
-            counters={**self.counters, **self.pipeline.reuse.stats()},
-            version=VERSION,
-            journal_bytes=self.journal.used_bytes if self.journal is not None else None,
-            journal_max_bytes=self.journal.max_bytes if self.journal is not None else None,
+            counters=self.counters,
         )
-
-    def _cooling_down_until(self, name: str) -> float | None:
-        """When ``name``'s cool-down ends, as a wall-clock epoch (the tracker keeps monotonic time)."""
-        tracker = self.manager.cooldowns
-        until = tracker.cooling_until(name)
-        return None if until is None else time.time() + (until - tracker.clock())
 
     async def _prune_loop(self, journal: Journal) -> None:
         while True:
