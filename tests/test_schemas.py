@@ -26,6 +26,7 @@ from schemas import (
     encode_message,
     sniff_request_id,
 )
+from schemas.wire import MAX_JSON_DEPTH
 
 
 def test_importing_schemas_pulls_in_neither_zmq_nor_pil():
@@ -123,3 +124,24 @@ def test_decode_errors_carry_readable_request_ids(frames, request_id):
 def test_sniff_request_id_from_truncated_text():
     assert sniff_request_id(b'{"prompt": "x", "request_id": "r-1"') == "r-1"
     assert sniff_request_id(b"garbage") is None
+
+
+def _nested_metadata(levels: int) -> bytes:
+    """A RenderRequest whose metadata nests ``levels`` objects (the request itself is one more)."""
+    value = b"1"
+    for _ in range(levels):
+        value = b'{"k": ' + value + b"}"
+    return b'{"type": "RenderRequest", "request_id": "n", "prompt": "p", "metadata": ' + value + b"}"
+
+
+def test_json_nesting_is_refused_past_the_limit_however_few_brackets_it_takes():
+    assert decode_frames([_nested_metadata(MAX_JSON_DEPTH - 1)]).message.request_id == "n"
+    with pytest.raises(WireError, match="nested deeper") as refused:
+        decode_frames([_nested_metadata(MAX_JSON_DEPTH)])
+    assert refused.value.request_id == "n"
+
+
+def test_brackets_inside_strings_do_not_make_a_message_too_deep():
+    prompt = "{[" * 200  # 400 brackets, all quoted: the message is two levels deep
+    body = json.dumps({"type": "RenderRequest", "request_id": "b", "prompt": prompt}).encode()
+    assert decode_frames([body]).message.prompt == prompt
