@@ -46,7 +46,7 @@ def _at_worker_niceness() -> None:
 # Outputs are stored (hashed, written, fsync'd) on threads of their own: a store mostly
 # waits for the disk, holding neither a core nor the GIL, and in a burst the six shared
 # executor threads queued 200 stores for 45-231 ms (benchmarks/README.md, issue 14). More
-# writes in flight also let the filesystem commit several fsyncs in one journal commit.
+# writes in flight also let their fsyncs overlap (on a journaled file system, share commits).
 STORE_THREADS = 16
 _STORE = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store", initializer=_at_worker_niceness)
 
