@@ -219,26 +219,34 @@ def running_service(
     """Start the service in a temp dir, yield once it heartbeats, SIGTERM it after. The dir
     (and the images in it) is removed when this process ends (``scratch_dir``)."""
     folder = scratch_dir("image-server-bench-")
-    requests, events = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
-    config = write_config(folder, generators=generators, requests=requests, events=events, **overrides)
     entry = [str(WRAPPER)] if wrapper else ["-m", "image_server"]
-    command = [sys.executable, *entry, "--config", str(config), "--log-level", log_level, "serve"]
-    process = subprocess.Popen(
-        command,
-        cwd=folder,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-    log: list[str] = []
-    reader = threading.Thread(target=_drain, args=(process.stderr, log), daemon=True)
-    reader.start()
-    try:
+    for attempt in range(3):
+        requests, events = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
+        config = write_config(folder, generators=generators, requests=requests, events=events, **overrides)
+        command = [sys.executable, *entry, "--config", str(config), "--log-level", log_level, "serve"]
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        log: list[str] = []
+        reader = threading.Thread(target=_drain, args=(process.stderr, log), daemon=True)
+        reader.start()
         try:
             wait_for_heartbeat(events, process, start_timeout_s)
+            break
         except RuntimeError as exc:
+            process.kill()
+            process.wait()
+            reader.join(timeout=5)
+            # free_port's port can be taken again before the service binds it: new ports.
+            if attempt < 2 and any("Address already in use" in line for line in log):
+                continue
             raise RuntimeError(f"{exc}; its log ends:\n" + "\n".join(log[-30:])) from None
+    try:
         yield ServiceProcess(process, requests, events, folder, log)
     finally:
         if process.poll() is None:
