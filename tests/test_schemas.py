@@ -26,7 +26,7 @@ from schemas import (
     encode_message,
     sniff_request_id,
 )
-from schemas.wire import MAX_JSON_DEPTH
+from schemas.wire import BRACKET_COUNT_BYTES, MAX_JSON_DEPTH
 
 
 def test_importing_schemas_pulls_in_neither_zmq_nor_pil():
@@ -126,9 +126,9 @@ def test_sniff_request_id_from_truncated_text():
     assert sniff_request_id(b"garbage") is None
 
 
-def _nested_metadata(levels: int) -> bytes:
+def _nested_metadata(levels: int, innermost: bytes = b"1") -> bytes:
     """A RenderRequest whose metadata nests ``levels`` objects (the request itself is one more)."""
-    value = b"1"
+    value = innermost
     for _ in range(levels):
         value = b'{"k": ' + value + b"}"
     return b'{"type": "RenderRequest", "request_id": "n", "prompt": "p", "metadata": ' + value + b"}"
@@ -139,6 +139,10 @@ def test_json_nesting_is_refused_past_the_limit_however_few_brackets_it_takes():
     with pytest.raises(WireError, match="nested deeper") as refused:
         decode_frames([_nested_metadata(MAX_JSON_DEPTH)])
     assert refused.value.request_id == "n"
+    # A big message (its brackets are not counted) is walked, and refused the same way.
+    big = b'"' + b"x" * (BRACKET_COUNT_BYTES + 1) + b'"'
+    with pytest.raises(WireError, match="nested deeper"):
+        decode_frames([_nested_metadata(MAX_JSON_DEPTH, big)])
 
 
 def test_brackets_inside_strings_do_not_make_a_message_too_deep():
