@@ -441,6 +441,12 @@ class Journal:
                 "DELETE FROM blobs WHERE request_id IN (SELECT request_id FROM requests WHERE finished_at < ?)",
                 (cutoff,),
             )
+            # A finished request's frames go at its finish; a finish whose transaction did
+            # not commit after its id left _with_frames would otherwise leave them here.
+            conn.execute(
+                "DELETE FROM request_frames WHERE request_id IN "
+                "(SELECT request_id FROM requests WHERE finished_at IS NOT NULL)"
+            )
             return conn.execute("DELETE FROM requests WHERE finished_at < ?", (cutoff,)).rowcount
 
         return await self._call(op)

@@ -54,6 +54,41 @@ async def test_unfinished_lists_only_open_entries_oldest_first_and_survives_reop
     assert finished.state is Recording.FINISHED and finished.entry.code == "cancelled"
 
 
+def frame_rows(state_dir: Path) -> list[tuple[str, int]]:
+    conn = sqlite3.connect(state_dir / JOURNAL_FILE)
+    try:
+        return conn.execute("SELECT request_id, idx FROM request_frames ORDER BY request_id, idx").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_a_finish_drops_the_request_frames_also_after_a_restart(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        await journal.admit("f-1", "mock", request_json("f-1"), [b"frame 0", b"frame 1"])
+        await journal.admit("f-2", "mock", request_json("f-2"), [b"frame 0"])
+        await journal.admit("plain", "mock", request_json("plain"))
+        await journal.finish("f-1", "ImageReady", None, "{}")
+        await journal.finish("plain", "ImageReady", None, "{}")
+    assert frame_rows(tmp_path) == [("f-2", 0)]  # only the unfinished request's, to resume it
+    async with Journal(tmp_path) as reopened:  # f-2 was admitted by the previous process
+        await reopened.finish("f-2", "RenderError", "cancelled", "{}")
+    assert frame_rows(tmp_path) == []
+
+
+async def test_prune_drops_frames_a_finished_request_left_behind(tmp_path: Path):
+    async with Journal(tmp_path) as journal:
+        await journal.admit("left", "mock", request_json("left"))
+        await journal.finish("left", "ImageReady", None, "{}")
+        # As a finish whose transaction did not commit after its frames were forgotten leaves them.
+        conn = sqlite3.connect(tmp_path / JOURNAL_FILE)
+        conn.execute("INSERT INTO request_frames (request_id, idx, data) VALUES ('left', 0, x'00')")
+        conn.commit()
+        conn.close()
+        await journal.admit("open", "mock", request_json("open"), [b"still needed"])
+        await journal.prune()
+    assert frame_rows(tmp_path) == [("open", 0)]
+
+
 async def test_prune_removes_finished_entries_and_blobs_past_retention_only(tmp_path: Path):
     async with Journal(tmp_path, retention_s=100) as journal:
         for rid in ("old-1", "old-2", "open-1"):
