@@ -82,7 +82,8 @@ def file_stem(request_id: str) -> str:
 
 class OutputStore:
     def __init__(self, output_dir: Path, *, png_compress_level: int = 1) -> None:
-        # Resolved once: the paths in ImageReady are absolute without a resolve per file.
+        # Resolved once: the paths in ImageReady are absolute without a resolve per file (a
+        # symlinked output_dir is followed at start; re-pointing it needs a restart).
         self.output_dir = Path(output_dir).resolve()
         self.png_compress_level = png_compress_level
         self._folders: set[Path] = set()  # folders known to exist
