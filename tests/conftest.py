@@ -20,6 +20,7 @@ from image_server.generators.base import Generator, GeneratorConfig
 from image_server.manager import GeneratorManager
 from image_server.service import ImageService
 from schemas import ServiceStatus, StatusRequest, decode_frames, encode_message
+from tests.procs import Procs, running_procs
 
 # No test reaches a model hub: huggingface_hub reads these when it is first imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -29,6 +30,13 @@ LOOPBACK = {
     "requests": {"kind": "sub", "bind": "tcp://127.0.0.1:0"},
     "events": {"kind": "xpub", "bind": "tcp://127.0.0.1:0"},
 }
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
+    """Service (and other) subprocesses started through ``tests.procs``, all stopped after."""
+    async with running_procs(tmp_path) as started:
+        yield started
 
 
 @pytest.fixture

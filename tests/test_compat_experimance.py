@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from image_server.config import load_config
-from tests.procs import Procs, running_procs, write_config
+from tests.procs import Procs, write_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -50,12 +50,6 @@ class Controller:
     def close(self) -> None:
         self.push.close(0)
         self.pull.close(0)
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import asyncio
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,12 @@ import zmq.asyncio
 
 from image_server.client import RenderClient, RenderResult
 from schemas import ImageReady, RenderError
-from tests.procs import Procs, journal_rows, running_procs, write_config
+from tests.procs import Procs, journal_rows, write_config
 
 pytestmark = pytest.mark.slow
 
 REQUESTS = 1000
 KILL_AFTER = (250, 500, 750)
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 async def test_sigkill_three_times_every_request_ends_exactly_once(

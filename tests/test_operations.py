@@ -9,7 +9,6 @@ import resource
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import zmq.asyncio
 
 from image_server.client import RenderClient, RenderFailed
 from schemas import ImageReady, RenderAccepted, RenderError, RenderProgress
-from tests.procs import Procs, journal_rows, running_procs, write_config
+from tests.procs import Procs, journal_rows, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +28,6 @@ LOOPBACK = {
     "events": {"kind": "xpub", "bind": "tcp://127.0.0.1:0"},
 }
 ISO_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 def config(tmp_path: Path, *, mock: dict[str, Any] | None = None, **top: Any) -> Path:

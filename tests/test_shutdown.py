@@ -13,7 +13,6 @@ import contextlib
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,9 @@ import zmq.asyncio
 
 from image_server.client import RenderClient, RenderResult
 from schemas import ImageReady, RenderAccepted, RenderError
-from tests.procs import Procs, journal_rows, running_procs, write_config
+from tests.procs import Procs, journal_rows, write_config
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 class Watcher:

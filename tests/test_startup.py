@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Procs, running_procs, write_config
+from tests.procs import Procs, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +20,6 @@ LOOPBACK = {
     "requests": {"kind": "sub", "bind": "tcp://127.0.0.1:0"},
     "events": {"kind": "xpub", "bind": "tcp://127.0.0.1:0"},
 }
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 def config(tmp_path: Path, name: str = "config.toml", **top: object) -> Path:

@@ -20,13 +20,7 @@ from image_server.manager import GeneratorManager
 from image_server.service import ImageService
 from tests.conftest import make_config
 from tests.natsproc import NatsServer, start_nats
-from tests.procs import Procs, running_procs
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
+from tests.procs import Procs
 
 
 @pytest.fixture

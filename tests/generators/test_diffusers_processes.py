@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 import zmq.asyncio
 
 from image_server.client import RenderClient
-from tests.procs import Procs, running_procs, write_config
+from tests.procs import Procs, write_config
 
 # Installed as sitecustomize in a child's PYTHONPATH: the extra's packages cannot be imported there.
 HIDE_EXTRA = """
@@ -31,12 +30,6 @@ LOOPBACK = {
     "requests": {"kind": "sub", "bind": "tcp://127.0.0.1:0"},
     "events": {"kind": "xpub", "bind": "tcp://127.0.0.1:0"},
 }
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from image_server.generators.mock import MockConfig, MockGenerator
 from image_server.offload import WORKER_NICENESS
 from image_server.storage import OutputStore
 from schemas import RenderRequest
-from tests.procs import Procs, running_procs, write_config
+from tests.procs import Procs, write_config
 
 
 def job(rid: str, *, side: int = 256, fmt: str = "jpeg", **fields: object) -> RenderJob:
@@ -167,12 +166,6 @@ async def test_closing_the_generator_ends_its_processes() -> None:
     # Closed is closed: a late render draws in a thread instead of starting processes again.
     late = await mock.generate(job("late"))
     assert late.images[0].data is not None and mock.drawing_pids == []
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    async with running_procs(tmp_path) as started:
-        yield started
 
 
 async def test_no_drawing_process_outlives_a_sigkilled_service(
