@@ -219,10 +219,13 @@ class RequestTracker:
         self.active[active.request.request_id] = active
         self.shares.add(active.ticket.owner)
 
-    def _untrack(self, active: Active) -> None:
+    def _stop_tracking(self, active: Active) -> None:
+        """``active`` has its answer: no more progress, no place in flight, no early ending."""
+        self.progress.stop(active)
         if self.active.get(active.request.request_id) is active:
             del self.active[active.request.request_id]
             self.shares.remove(active.ticket.owner)
+        self.endings.forget(active)
 
     # -- ending requests early: only the client's own (endings.py) ------------------
 
@@ -298,9 +301,7 @@ class RequestTracker:
         else with the refusal, or (a repeat of a finished request) with the stored event."""
         admission = Admission() if active.admission is None else await active.admission
         if admission.repeat is not None:
-            self._untrack(active)
-            self.endings.forget(active)
-            self.progress.stop(active)
+            self._stop_tracking(active)
             self.outbox.release(active.ticket)
             await self.outbox.replay(active.ticket, admission.repeat)
             return
@@ -321,9 +322,7 @@ class RequestTracker:
             event = _in_batch(event, request)
         elif isinstance(event, RenderError):
             event = _in_batch(event, request)
-        self.progress.stop(active)
-        self._untrack(active)
-        self.endings.forget(active)
+        self._stop_tracking(active)
         note_terminal(event, self.counters)
         await self.outbox.finish(active.ticket, event, blobs, resumed=active.resumed)
 
