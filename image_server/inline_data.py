@@ -44,20 +44,25 @@ def _too_big(max_bytes: int) -> ReferenceImageError:
     return ReferenceImageError(f"image data is larger than the limit of {max_bytes} bytes")
 
 
-def _decoded_size(payload: str) -> int:
+def _spaced(payload: str) -> bool:
+    """Whether ``payload`` holds whitespace (a full scan per character, GIL held: once per
+    payload)."""
+    return any(c in payload for c in _WHITESPACE)
+
+
+def _decoded_size(payload: str, spaced: bool) -> int:
     """How many bytes ``payload`` decodes to, counted without decoding or copying it."""
     characters = len(payload)
-    if any(c in payload for c in _WHITESPACE):
+    if spaced:
         characters -= sum(payload.count(c) for c in _WHITESPACE)
     tail = payload[-64:].rstrip(_WHITESPACE)
     padding = len(tail) - len(tail.rstrip("="))
     return (characters - padding) * 3 // 4
 
 
-def _compact_pieces(payload: str) -> Iterator[str]:
+def _compact_pieces(payload: str, spaced: bool) -> Iterator[str]:
     """``payload`` without whitespace, a slice at a time, each a multiple of 4 characters
     long except the last (which gets the padding a sender may have left off)."""
-    spaced = any(c in payload for c in _WHITESPACE)
     carry = ""
     for start in range(0, len(payload), CHUNK_CHARS):
         piece = payload[start : start + CHUNK_CHARS]
@@ -89,7 +94,7 @@ def decode_base64_source(text: str, max_bytes: int) -> bytes:
     limit = _encoded_limit(max_bytes)
     parts: list[bytes] = []
     seen = 0
-    for piece in _compact_pieces(payload):
+    for piece in _compact_pieces(payload, _spaced(payload)):
         seen += len(piece)
         if seen > limit:
             raise _too_big(max_bytes)
@@ -109,11 +114,12 @@ def decode_base64_head(text: str, max_bytes: int, head_bytes: int) -> tuple[byte
     the full decode (a bad character further on is found then).
     """
     payload = _payload(text, max_bytes)
-    if _decoded_size(payload) > max_bytes:
+    spaced = _spaced(payload)
+    if _decoded_size(payload, spaced) > max_bytes:
         raise _too_big(max_bytes)
     parts: list[bytes] = []
     decoded = 0
-    pieces = _compact_pieces(payload)
+    pieces = _compact_pieces(payload, spaced)
     for piece in pieces:
         parts.append(_decode(piece))
         decoded += len(parts[-1])
