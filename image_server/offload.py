@@ -122,11 +122,10 @@ async def prestart_worker_threads() -> None:
     """Start the default executor's threads and the store's now, at ``WORKER_NICENESS``.
     Started on demand, each new thread made the loop wait 8-19 ms for the GIL in the middle
     of a burst."""
-    loop = asyncio.get_running_loop()
     workers = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default size
     await _start_every_thread(None, workers, _at_worker_niceness)
     await _start_every_thread(_STORE, STORE_THREADS)  # its initializer sets the niceness
-    await loop.run_in_executor(_GIL_BOUND, threading.get_native_id)  # started from here, so at nice 0
+    await _run_on(_GIL_BOUND, threading.get_native_id)  # started from here, so at nice 0
 
 
 async def _start_every_thread(
