@@ -30,6 +30,7 @@ from schemas import (
     decode_frames,
     encode_message,
 )
+from tests.waiting import until
 
 TERMINAL = (ImageReady, RenderError)
 
@@ -118,13 +119,6 @@ class Script:
 
     def factory(self, name: str, config: GeneratorConfig) -> MockGenerator:
         return MockGenerator(config, name=name, handler=self)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition on service state, with a deadline."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 def saturated(**overrides: Any) -> dict[str, Any]:

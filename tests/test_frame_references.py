@@ -5,22 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from PIL import Image
 
 from image_server.client import RenderFailed
 from image_server.journal import Journal, recent_entries
 from schemas import ImageReady, ImageSource, RenderRequest
-from tests.fakes.images import solid_bytes
+from tests.fakes.images import mean_colour, solid_bytes
 
 
 def png(color: tuple[int, int, int], size: int = 64) -> bytes:
     return solid_bytes(color, (size, size))
-
-
-def mean_color(path: str | None) -> tuple[int, ...]:
-    assert path is not None
-    with Image.open(path) as img:
-        return img.convert("RGB").resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
 
 
 async def test_image_sent_as_a_frame_is_used(service_factory, client_for):
@@ -34,7 +27,7 @@ async def test_image_sent_as_a_frame_is_used(service_factory, client_for):
             reference_images=[ImageSource(frame=1)],
             images=[png((255, 0, 0)), png((0, 0, 255))],
         )
-    red, green, blue = mean_color(result.event.images[0].path)
+    red, green, blue = mean_colour(result.event.images[0].path)
     assert blue > 150 and blue > red + 60, "the second frame (blue) is the reference"
 
 
@@ -73,5 +66,5 @@ async def test_frames_are_journaled_and_an_interrupted_request_resumes_with_them
         async with Journal(tmp_path / "state") as journal:
             assert await journal.request_frames("frame-resume") == []  # dropped once finished
     event = ImageReady.model_validate_json(entry.terminal or "")
-    red, green, blue = mean_color(event.images[0].path)
+    red, green, blue = mean_colour(event.images[0].path)
     assert green > 120 and green > red + 60, "resumed with the journaled frame as its reference"

@@ -14,6 +14,7 @@ import pytest
 from image_server.checkpoint import RESTART_WAL_BYTES
 from image_server.journal import JOURNAL_FILE, Journal, Recording, connect, recent_entries
 from schemas import RenderRequest
+from tests.waiting import until
 
 
 def request_json(request_id: str, **fields: object) -> str:
@@ -119,9 +120,7 @@ async def test_concurrent_admits_share_commits(tmp_path: Path):
     count = 100
     async with Journal(tmp_path) as journal:
         await journal.admit("warm-up", "mock", request_json("warm-up"))
-        async with asyncio.timeout(10):  # the known-ids build at open has its own (empty) commit
-            while not journal.known.loaded:
-                await asyncio.sleep(0.005)
+        await until(lambda: journal.known.loaded)  # the known-ids build at open has its own (empty) commit
         commits_before = journal.commits
         blocker = connect(journal.path)
         blocker.execute("BEGIN IMMEDIATE")
@@ -291,9 +290,7 @@ async def test_wal_starts_over_when_the_writer_pauses(tmp_path: Path):
                 # The pause: long enough for the checkpointer's next pass, however busy the
                 # machine (a fixed sleep let a loaded machine's WAL grow past the bound).
                 passes = journal.checkpointer.checkpoints
-                async with asyncio.timeout(10):
-                    while journal.checkpointer.checkpoints == passes:
-                        await asyncio.sleep(0.005)
+                await until(lambda passes=passes: journal.checkpointer.checkpoints != passes)
         wal = (tmp_path / (JOURNAL_FILE + "-wal")).stat().st_size
     assert journal.checkpointer.checkpoints > 0
     assert wal < 8 * 1024 * 1024, wal  # about 20 MB of frames were written

@@ -12,7 +12,7 @@ import random
 import struct
 
 import pytest
-from PIL import Image, ImageStat
+from PIL import Image
 
 from image_server.config import ReferencesConfig
 from image_server.errors import ReferenceImageError
@@ -21,7 +21,7 @@ from image_server.inline_data import decode_base64_head
 from image_server.precheck import HEADER_BYTES, precheck_embedded_references
 from image_server.references import decode_image
 from schemas import ImageSource, RenderRequest
-from tests.fakes.images import encode, noise
+from tests.fakes.images import encode, mean_colour, noise
 
 MAX_PIXELS = 4096 * 4096
 
@@ -122,12 +122,6 @@ def big_tinted_jpeg(colour: tuple[int, int, int], side: int = 2048) -> bytes:
     """A JPEG of several MB: noise over ``colour``, so it barely compresses."""
     grain = noise((side, side))
     return encode(Image.blend(Image.new("RGB", grain.size, colour), grain, 0.25), "JPEG", quality=95)
-
-
-def mean_colour(path: str | None) -> tuple[float, ...]:
-    assert path is not None
-    with Image.open(path) as image:
-        return tuple(ImageStat.Stat(image.convert("RGB")).mean)
 
 
 async def test_big_jpeg_references_as_base64_and_as_a_frame_guide_the_render(service_factory, client_for):

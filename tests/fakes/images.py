@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from PIL import Image
+from PIL import Image, ImageStat
 
 from tests.fakes.server import JSONHandler, Recorder, serve_in_thread
 
@@ -32,6 +32,13 @@ def solid(
     size: tuple[int, int] = (32, 24), color: tuple[int, int, int] = (200, 30, 30), mode: str = "RGB"
 ) -> Image.Image:
     return Image.new(mode, size, color)
+
+
+def mean_colour(path: str | None) -> tuple[float, ...]:
+    """The average colour of the image file at ``path`` (a rendered output)."""
+    assert path is not None
+    with Image.open(path) as image:
+        return tuple(ImageStat.Stat(image.convert("RGB")).mean)
 
 
 def noise(size: tuple[int, int] = (64, 64)) -> Image.Image:

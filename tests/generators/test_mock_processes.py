@@ -24,6 +24,7 @@ from image_server.offload import WORKER_NICENESS
 from image_server.storage import OutputStore
 from schemas import RenderRequest
 from tests.procs import Procs, write_config
+from tests.waiting import until
 
 
 def job(rid: str, *, side: int = 256, fmt: str = "jpeg", **fields: object) -> RenderJob:
@@ -55,13 +56,6 @@ def children_of(pid: int) -> set[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         found.update(int(child) for child in (task / "children").read_text().split())
     return found
-
-
-async def until(condition: object, timeout: float = 10.0) -> None:
-    """Poll a cheap condition (process state has no event to wait on) under a deadline."""
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize(("fmt", "style"), [("jpeg", "simple"), ("webp", "detailed"), ("jpeg", "debug")])
