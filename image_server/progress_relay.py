@@ -6,7 +6,7 @@ from __future__ import annotations
 from image_server.active import Active
 from image_server.progress import ProgressThrottle
 from image_server.publisher import EventPublisher
-from schemas import RenderProgress, event_topic
+from schemas import RenderProgress
 
 
 class ProgressRelay:
@@ -19,8 +19,7 @@ class ProgressRelay:
     def report(
         self, active: Active, stage: str, fraction: float | None, message: str | None, position: int | None
     ) -> None:
-        topic = event_topic("RenderProgress", active.ticket.reply_to).encode("ascii")
-        if not self.publisher.wanted("RenderProgress", topic):
+        if not self.publisher.wants("RenderProgress", active.ticket.reply_to):
             return  # nobody subscribed: not even built (a plain RenderClient does not)
         if active.throttle is None:
             active.throttle = ProgressThrottle(lambda event: self._send(active, event))

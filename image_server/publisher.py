@@ -40,6 +40,10 @@ class EventPublisher:
         self.published = 0
         self.observer = observer  # sees every event sent (metrics)
 
+    def wants(self, event_type: str, reply_to: str | None) -> bool:
+        """``wanted`` for an event not built yet, by its type and the client's ``reply_to``."""
+        return self.wanted(event_type, event_topic(event_type, reply_to).encode("ascii"))
+
     def wanted(self, event_type: str, topic: bytes) -> bool:
         """Whether an event that a client may miss (progress) is worth building: someone
         subscribed to its topic (a compatibility publisher overrides this)."""

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from image_server.frugal import FrugalPipeline
 from image_server.journal import Journal
 from image_server.manager import GeneratorManager
+from image_server.spend.ledger import SpendLedger
 from image_server.version import VERSION
 from schemas import GeneratorStatus, ServiceStatus
 
@@ -23,33 +24,33 @@ def service_status(
     counters: Mapping[str, int],
 ) -> ServiceStatus:
     """The generators (load, cool-down, spend), the queue, the counters and the journal's size."""
-    scheduler = manager.scheduler
-    ledger = pipeline.spend.ledger
-    generators = [
-        GeneratorStatus(
-            name=name,
-            strategy=manager.config(name).strategy,
-            in_flight=scheduler.running(name),
-            concurrency=manager.config(name).concurrency,
-            image_to_image=manager.is_image_to_image(name),
-            cooling_down_until=_cooling_down_until(manager, name),
-            spent_today=ledger.spent(name)[0],
-            spent_month=ledger.spent(name)[1],
-            over_budget=ledger.over_budget(name) is not None,
-        )
-        for name in manager.available()
-    ]
     return ServiceStatus(
         request_id=request_id,
         default_generator=manager.default,
-        generators=generators,
+        generators=[_generator_status(manager, pipeline.spend.ledger, name) for name in manager.available()],
         queued=queued,
-        in_flight=scheduler.in_flight,
+        in_flight=manager.scheduler.in_flight,
         uptime_s=uptime_s,
         counters={**counters, **pipeline.reuse.stats()},
         version=VERSION,
         journal_bytes=journal.used_bytes if journal is not None else None,
         journal_max_bytes=journal.max_bytes if journal is not None else None,
+    )
+
+
+def _generator_status(manager: GeneratorManager, ledger: SpendLedger, name: str) -> GeneratorStatus:
+    config = manager.config(name)
+    spent_today, spent_month = ledger.spent(name)
+    return GeneratorStatus(
+        name=name,
+        strategy=config.strategy,
+        in_flight=manager.scheduler.running(name),
+        concurrency=config.concurrency,
+        image_to_image=manager.is_image_to_image(name),
+        cooling_down_until=_cooling_down_until(manager, name),
+        spent_today=spent_today,
+        spent_month=spent_month,
+        over_budget=ledger.over_budget(name) is not None,
     )
 
 
