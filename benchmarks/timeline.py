@@ -9,10 +9,11 @@ per request id; the stamps are written to ``<path>`` as JSON when the process ex
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 STAMPS: dict[str, list[tuple[str, float]]] = {}
@@ -22,17 +23,23 @@ def _stamp(request_id: str, name: str) -> None:
     STAMPS.setdefault(request_id, []).append((name, time.perf_counter()))
 
 
+@contextlib.contextmanager
+def _span(request_id: str, label: str) -> Iterator[None]:
+    """Stamp ``label>`` now and ``label<`` when the block ends, however it ends."""
+    _stamp(request_id, f"{label}>")
+    try:
+        yield
+    finally:
+        _stamp(request_id, f"{label}<")
+
+
 def _wrap_async(owner: Any, attribute: str, label: str, request_id: Callable[..., str]) -> None:
     original = getattr(owner, attribute)
 
     @functools.wraps(original)
     async def wrapped(*args: Any, **kwargs: Any) -> Any:
-        rid = request_id(*args, **kwargs)
-        _stamp(rid, f"{label}>")
-        try:
+        with _span(request_id(*args, **kwargs), label):
             return await original(*args, **kwargs)
-        finally:
-            _stamp(rid, f"{label}<")
 
     setattr(owner, attribute, wrapped)
 
@@ -42,12 +49,8 @@ def _wrap_sync(owner: Any, attribute: str, label: str, request_id: Callable[...,
 
     @functools.wraps(original)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        rid = request_id(*args, **kwargs)
-        _stamp(rid, f"{label}>")
-        try:
+        with _span(request_id(*args, **kwargs), label):
             return original(*args, **kwargs)
-        finally:
-            _stamp(rid, f"{label}<")
 
     setattr(owner, attribute, wrapped)
 
